@@ -1,0 +1,376 @@
+"""Triton kernels for paged attention: cache write, prefill (varlen, causal) and split-K decode.
+
+Layout and metadata are the ones of metadata.py. Every kernel reads K/V through the
+block tables; the shared piece is the paged tile load:
+
+    context position p of sequence s  ->  page  = block_tables[s, p // BLOCK_SIZE]
+                                          row   = p % BLOCK_SIZE
+    k_cache[page, row, kv_head, :]
+
+A tile of BLOCK_N positions may straddle pages (BLOCK_N and BLOCK_SIZE are independent
+powers of two), so the page is looked up per position, not per tile.
+
+GQA: the GROUP = num_heads // num_kv_heads query heads of a kv head share one program,
+stacked as rows of the query tile, so each K/V tile is loaded once for all of them.
+Softmax runs in the log2 domain (scores are pre-multiplied by scale * log2(e)) with fp32
+running max / sum / accumulator, flash-attention style.
+
+Head dims that are not powers of two (96, 80, ...) are padded to HEAD_DIM_PAD and masked.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+# A running max that starts finite keeps exp2(m_old - m_new) at 1, not NaN, on rows
+# that see no key yet (padding rows, padding heads of a GQA group).
+NEG_BIG = -1.0e30
+
+
+@triton.jit
+def _load_paged_tile(cache_ptr, table_ptr, positions, valid, kv_head, stride_block, stride_slot, stride_head,
+                     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    """K or V of one kv head at `positions` of one sequence: [len(positions), HEAD_DIM_PAD]."""
+    page = tl.load(table_ptr + positions // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    row_offset = page * stride_block + (positions % BLOCK_SIZE) * stride_slot + kv_head * stride_head
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    if HEAD_DIM == HEAD_DIM_PAD:  # no mask along the head dim, so loads stay vectorised
+        mask = valid[:, None]
+    else:
+        mask = valid[:, None] & (dims[None, :] < HEAD_DIM)
+    return tl.load(cache_ptr + row_offset[:, None] + dims[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _softmax_step(q, k, v, mask, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
+    """One online-softmax update of (running max, running sum, unnormalised output)."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (M, N), log2 domain
+    s = tl.where(mask, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+# ---------------------------------------------------------------------------- cache write
+
+
+@triton.jit
+def _write_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+                     stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
+                     stride_block, stride_slot, stride_head,
+                     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    token = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot < 0:  # padding token of a CUDA-graph batch
+        return
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    mask = dims < HEAD_DIM
+    dst = (slot // BLOCK_SIZE) * stride_block + (slot % BLOCK_SIZE) * stride_slot + kv_head * stride_head + dims
+    k = tl.load(key_ptr + token * stride_k_tok + kv_head * stride_k_head + dims, mask=mask)
+    v = tl.load(value_ptr + token * stride_v_tok + kv_head * stride_v_head + dims, mask=mask)
+    tl.store(k_cache_ptr + dst, k, mask=mask)
+    tl.store(v_cache_ptr + dst, v, mask=mask)
+
+
+# ---------------------------------------------------------------------------- prefill
+
+
+@triton.jit
+def _prefill_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+                    qk_scale, first_seq,
+                    stride_q_tok, stride_q_head, stride_o_tok, stride_o_head, stride_table,
+                    stride_block, stride_slot, stride_head,
+                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """Grid (num_prefills, cdiv(max_query_len, BLOCK_Q), num_kv_heads).
+
+    The query tile is BLOCK_Q tokens x GROUP_PAD heads, token-major:
+
+        row r -> token q_tile * BLOCK_Q + r // GROUP_PAD,  head kv_head * GROUP + r % GROUP_PAD
+
+    The chunk's queries are the last q_len of seq_len context positions, so query i sits
+    at position ctx_start + i (ctx_start = seq_len - q_len) and sees keys 0..that position:
+
+        keys:    0 1 2 3 4 5 6 7 8 9          seq_len = 10, q_len = 4, ctx_start = 6
+        query 0  x x x x x x x . . .
+        query 3  x x x x x x x x x x
+    """
+    seq = first_seq + tl.program_id(0)
+    q_tile = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    if q_tile * BLOCK_Q >= q_len:  # the grid is sized for the longest chunk
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx_start = seq_len - q_len
+
+    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
+    rows = tl.arange(0, BLOCK_M)
+    q_idx = q_tile * BLOCK_Q + rows // GROUP_PAD
+    head = kv_head * GROUP + rows % GROUP_PAD
+    row_valid = (q_idx < q_len) & (rows % GROUP_PAD < GROUP)
+    q_pos = ctx_start + q_idx
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    io_mask = row_valid[:, None] & (dims[None, :] < HEAD_DIM)
+    tok = (q_start + q_idx).to(tl.int64)
+    q = tl.load(q_ptr + tok[:, None] * stride_q_tok + head[:, None] * stride_q_head + dims[None, :],
+                mask=io_mask, other=0.0)
+
+    m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_table
+    # Keys past the tile's last query are masked for every row: stop there.
+    kv_end = ctx_start + tl.minimum((q_tile + 1) * BLOCK_Q, q_len)
+    for start in range(0, kv_end, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        valid = pos < kv_end
+        k = _load_paged_tile(k_cache_ptr, table, pos, valid, kv_head, stride_block, stride_slot, stride_head,
+                             BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD)
+        v = _load_paged_tile(v_cache_ptr, table, pos, valid, kv_head, stride_block, stride_slot, stride_head,
+                             BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD)
+        causal = valid[None, :] & (pos[None, :] <= q_pos[:, None])
+        m_i, l_i, acc = _softmax_step(q, k, v, causal, m_i, l_i, acc, qk_scale, DOT_PRECISION)
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(out_ptr + tok[:, None] * stride_o_tok + head[:, None] * stride_o_head + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+# ---------------------------------------------------------------------------- decode
+
+
+@triton.jit
+def _decode_kernel(out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
+                   q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qk_scale,
+                   stride_q_tok, stride_q_head, stride_o_tok, stride_o_head, stride_table,
+                   stride_block, stride_slot, stride_head,
+                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                   PARTITION_SIZE: tl.constexpr, NUM_PARTITIONS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Grid (num_decodes, num_kv_heads, NUM_PARTITIONS): one query token per sequence.
+
+    Split-K: the context is cut into partitions of PARTITION_SIZE positions, one program
+    each, so a long context keeps many SMs busy even at batch 1:
+
+        positions  0 ........ P-1 | P ....... 2P-1 | 2P .. seq_len-1 | (2P+P ..: no work)
+        program    part 0         | part 1         | part 2          | part 3.. return
+
+    NUM_PARTITIONS is sized from an upper bound of seq_len (the grid stays fixed for CUDA
+    graphs); partitions past the real seq_len return at once. Each partition stores its
+    (max, sum, unnormalised acc) per head and _decode_reduce_kernel combines them. With a
+    single partition the program normalises and writes the output itself.
+    """
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    part = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    part_start = part * PARTITION_SIZE
+    if NUM_PARTITIONS > 1:
+        if part_start >= seq_len:
+            return
+    part_end = tl.minimum(part_start + PARTITION_SIZE, seq_len)
+
+    # Rows are the GROUP query heads of this kv head, padded to >= 16 for tl.dot.
+    rows = tl.arange(0, GROUP_PAD)
+    head = kv_head * GROUP + rows
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    io_mask = (rows < GROUP)[:, None] & (dims[None, :] < HEAD_DIM)
+    q = tl.load(q_ptr + seq * stride_q_tok + head[:, None] * stride_q_head + dims[None, :], mask=io_mask, other=0.0)
+
+    m_i = tl.full([GROUP_PAD], NEG_BIG, tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM_PAD], tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_table
+    for start in range(part_start, part_end, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        valid = pos < part_end
+        k = _load_paged_tile(k_cache_ptr, table, pos, valid, kv_head, stride_block, stride_slot, stride_head,
+                             BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD)
+        v = _load_paged_tile(v_cache_ptr, table, pos, valid, kv_head, stride_block, stride_slot, stride_head,
+                             BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD)
+        m_i, l_i, acc = _softmax_step(q, k, v, valid[None, :], m_i, l_i, acc, qk_scale, DOT_PRECISION)
+
+    if NUM_PARTITIONS == 1:
+        # seq_len 0 (a padding sequence) leaves l_i = 0: write zeros, not NaN.
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + seq * stride_o_tok + head[:, None] * stride_o_head + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=io_mask)
+    else:
+        # partials are [num_decodes, num_heads, NUM_PARTITIONS] (+ [HEAD_DIM_PAD] for acc), contiguous
+        part_idx = (seq * GROUP * tl.num_programs(1) + head) * NUM_PARTITIONS + part
+        head_valid = rows < GROUP
+        tl.store(part_max_ptr + part_idx, m_i, mask=head_valid)
+        tl.store(part_sum_ptr + part_idx, l_i, mask=head_valid)
+        tl.store(part_acc_ptr + part_idx[:, None] * HEAD_DIM_PAD + dims[None, :], acc, mask=head_valid[:, None])
+
+
+@triton.jit
+def _decode_reduce_kernel(out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr, seq_lens_ptr,
+                          stride_o_tok, stride_o_head,
+                          HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PARTITION_SIZE: tl.constexpr,
+                          NUM_PARTITIONS: tl.constexpr, CHUNK: tl.constexpr):
+    """Grid (num_decodes, num_heads): merge the partitions that did work, CHUNK at a time.
+
+    Partition j holds m_j (log2-domain max), l_j = sum 2^(s - m_j), acc_j = sum 2^(s - m_j) v.
+    With M the max over j:  out = sum_j 2^(m_j - M) acc_j / sum_j 2^(m_j - M) l_j,
+    merged online over chunks of partitions exactly like keys in _softmax_step.
+    """
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    num_parts = tl.cdiv(seq_len, PARTITION_SIZE)  # only these were written
+    base = (seq * tl.num_programs(1) + head) * NUM_PARTITIONS
+    dims = tl.arange(0, HEAD_DIM_PAD)
+
+    m = tl.full([1], NEG_BIG, tl.float32)
+    l = tl.zeros([1], tl.float32)
+    acc = tl.zeros([HEAD_DIM_PAD], tl.float32)
+    for chunk_start in range(0, num_parts, CHUNK):
+        parts = chunk_start + tl.arange(0, CHUNK)
+        valid = parts < num_parts
+        m_j = tl.load(part_max_ptr + base + parts, mask=valid, other=float("-inf"))
+        l_j = tl.load(part_sum_ptr + base + parts, mask=valid, other=0.0)
+        acc_j = tl.load(part_acc_ptr + (base + parts)[:, None] * HEAD_DIM_PAD + dims[None, :],
+                        mask=valid[:, None], other=0.0)
+        m_new = tl.maximum(m, tl.max(m_j, 0))
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(m_j - m_new)
+        l = l * alpha + tl.sum(w * l_j, 0)
+        acc = acc * alpha + tl.sum(w[:, None] * acc_j, 0)
+        m = m_new
+
+    out = acc / tl.where(l == 0.0, 1.0, l)
+    tl.store(out_ptr + seq * stride_o_tok + head * stride_o_head + dims, out.to(out_ptr.dtype.element_ty),
+             mask=dims < HEAD_DIM)
+
+
+# ---------------------------------------------------------------------------- launchers
+
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    assert k_cache.stride() == v_cache.stride(), "k_cache and v_cache must share one layout"
+    assert k_cache.stride(-1) == 1, "the head dim of the cache must be contiguous"
+    bs = k_cache.shape[1]
+    assert bs >= 1 and bs & (bs - 1) == 0, f"block_size must be a power of two, got {bs}"
+
+
+def _cache_strides(cache: torch.Tensor) -> tuple[int, int, int]:
+    return cache.stride(0), cache.stride(1), cache.stride(2)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # Full fp32 products for fp32 inputs (tf32 would cost ~1e-3 relative error).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def write_kv_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
+    """Scatter key/value [T, Hkv, D] to their flat slots; slots < 0 are skipped."""
+    _check_cache(k_cache, v_cache)
+    num_tokens, num_kv_heads, head_dim = key.shape
+    if num_tokens == 0:
+        return
+    assert key.stride(-1) == 1 and value.stride(-1) == 1
+    _write_kv_kernel[(num_tokens, num_kv_heads)](
+        key, value, k_cache, v_cache, slot_mapping,
+        key.stride(0), key.stride(1), value.stride(0), value.stride(1), *_cache_strides(k_cache),
+        BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+    )
+
+
+def prefill_attention(out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale: float,
+                      first_seq: int, num_seqs: int, max_query_len: int, block_m: int = 128, block_n: int = 64,
+                      num_warps: int | None = None, num_stages: int = 2) -> None:
+    """Causal attention of sequences first_seq .. first_seq + num_seqs - 1 (chunks of any length).
+
+    out/query: [T, H, D], rows taken through query_start_loc. block_m is the query tile
+    in rows (tokens x GQA group); block_n the key tile.
+    """
+    _check_cache(k_cache, v_cache)
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    assert group * num_kv_heads == num_heads, f"{num_heads} heads is not a multiple of {num_kv_heads} kv heads"
+    group_pad = triton.next_power_of_2(group)
+    block_q = max(1, block_m // group_pad)
+    head_dim_pad = triton.next_power_of_2(head_dim)
+    if num_warps is None:
+        num_warps = 8 if block_q * group_pad * head_dim_pad >= 128 * 128 else 4
+    grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
+    _prefill_kernel[grid](
+        out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale * LOG2E, first_seq,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        *_cache_strides(k_cache),
+        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_SIZE=k_cache.shape[1],
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, DOT_PRECISION=_dot_precision(query.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+
+
+def decode_partition_size(num_seqs: int, num_kv_heads: int, max_seq_len: int) -> int:
+    """Tokens per split-K partition: as long as possible while the grid still fills the GPU.
+
+    Fewer, longer partitions mean less partial traffic and reduce work; shorter ones more
+    parallelism at small batch. ~2 programs per SM of an H100 (132 SMs) is the target.
+    """
+    partition = 512
+    while partition > 128 and num_seqs * num_kv_heads * triton.cdiv(max_seq_len, partition) < 264:
+        partition //= 2
+    return partition
+
+
+def decode_attention(out, query, k_cache, v_cache, block_tables, seq_lens, scale: float, max_seq_len: int,
+                     partition_size: int | None = None, block_n: int = 64, num_warps: int = 4,
+                     num_stages: int = 2) -> None:
+    """One query token per sequence: out/query [num_seqs, H, D], seq_lens/block_tables indexed alike.
+
+    CUDA-graph safe: nothing is read from the device here. max_seq_len is a Python upper
+    bound of seq_lens (under a graph, the capture bound, e.g. max_model_len); it and the
+    shapes fix the grid. Sequences with seq_len 0 (padding) get zeros.
+    """
+    _check_cache(k_cache, v_cache)
+    num_seqs, num_heads, head_dim = query.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    assert group * num_kv_heads == num_heads, f"{num_heads} heads is not a multiple of {num_kv_heads} kv heads"
+    if num_seqs == 0:
+        return
+    if partition_size is None:
+        partition_size = decode_partition_size(num_seqs, num_kv_heads, max_seq_len)
+    block_n = min(block_n, partition_size)
+    assert partition_size % block_n == 0, "partition_size must be a multiple of block_n"
+    num_partitions = max(1, triton.cdiv(max_seq_len, partition_size))
+    head_dim_pad = triton.next_power_of_2(head_dim)
+    common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PARTITION_SIZE=partition_size,
+                  NUM_PARTITIONS=num_partitions)
+
+    part_max = part_sum = part_acc = out  # unused placeholders when there is one partition
+    if num_partitions > 1:
+        part_max = torch.empty(num_seqs, num_heads, num_partitions, dtype=torch.float32, device=query.device)
+        part_sum = torch.empty_like(part_max)
+        part_acc = torch.empty(num_seqs, num_heads, num_partitions, head_dim_pad, dtype=torch.float32,
+                               device=query.device)
+    _decode_kernel[(num_seqs, num_kv_heads, num_partitions)](
+        out, part_max, part_sum, part_acc, query, k_cache, v_cache, block_tables, seq_lens, scale * LOG2E,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        *_cache_strides(k_cache),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        BLOCK_SIZE=k_cache.shape[1], DOT_PRECISION=_dot_precision(query.dtype), **common,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if num_partitions > 1:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            out, part_max, part_sum, part_acc, seq_lens, out.stride(0), out.stride(1),
+            CHUNK=min(16, triton.next_power_of_2(num_partitions)), **common, num_warps=4,
+        )

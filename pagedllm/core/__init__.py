@@ -1,0 +1,1 @@
+"""CPU bookkeeping: requests, the paged block manager and the scheduler."""

@@ -1,0 +1,182 @@
+"""The paged KV cache's bookkeeping: a pool of blocks, per-request block tables,
+ref counts and the prefix cache.
+
+    block_table[req] = [7, 2, 9]        block_size = 4
+    tokens  0..3 -> block 7, 4..7 -> block 2, 8..(9) -> block 9 (partly filled)
+
+A *full* block is identified by hash(parent block's hash, its token ids), so a
+hash names the whole prefix up to and including that block. Full blocks are
+registered in the prefix cache when they are allocated for computation (the
+K/V are written in the same step, before any attention reads them). A freed
+block keeps its hash and goes to the back of the free queue; allocation takes
+from the front, evicting the hash of the block it takes (LRU). A hit on a free
+cached block takes it back out of the free queue.
+
+Invariants (asserted by check_invariants in tests):
+  - every block is either in the free queue with ref_count 0, or has
+    ref_count == the number of block tables listing it;
+  - a block in the prefix cache holds the hash it is registered under;
+  - after every request is freed, num_free_blocks == num_blocks.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from pagedllm.core.request import Request
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    block_hash: int | None = None
+
+
+def hash_block(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
+    return hash((parent_hash, token_ids))
+
+
+class BlockPool:
+    """Free queue (LRU order) + the hash -> block map of the prefix cache."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.cached: dict[int, int] = {}  # block hash -> block id
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    def allocate(self) -> Block:
+        block_id, _ = self.free_queue.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.block_hash is not None:  # evict its prefix-cache entry
+            if self.cached.get(block.block_hash) == block_id:
+                del self.cached[block.block_hash]
+            block.block_hash = None
+        block.ref_count = 1
+        return block
+
+    def lookup(self, block_hash: int) -> Block | None:
+        block_id = self.cached.get(block_hash)
+        return None if block_id is None else self.blocks[block_id]
+
+    def acquire(self, block: Block) -> None:
+        """Take another reference to a cached block (a prefix-cache hit)."""
+        if block.ref_count == 0:
+            del self.free_queue[block.block_id]
+        block.ref_count += 1
+
+    def release(self, block: Block) -> None:
+        block.ref_count -= 1
+        assert block.ref_count >= 0, f"block {block.block_id} released more often than acquired"
+        if block.ref_count == 0:
+            self.free_queue[block.block_id] = None
+
+    def register(self, block: Block, block_hash: int) -> None:
+        block.block_hash = block_hash
+        self.cached.setdefault(block_hash, block.block_id)
+
+    def reset_prefix_cache(self) -> None:
+        for block_id in self.free_queue:
+            self.blocks[block_id].block_hash = None
+        self.cached = {b.block_hash: b.block_id for b in self.blocks if b.block_hash is not None}
+
+
+class KVCacheManager:
+    """Answers the scheduler: which blocks a request already has cached, and
+    whether room can be made for the tokens it wants to run this step."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks)
+        self.block_tables: dict[str, list[Block]] = {}
+        self.block_hashes: dict[str, list[int]] = {}  # hashes of a request's full blocks, in order
+        self.num_queries = 0  # prefix-cache lookups, in tokens
+        self.num_hits = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.block_tables.get(request_id, ())]
+
+    def find_cached_prefix(self, request: Request) -> list[Block]:
+        """The longest run of cached full blocks at the start of the request's tokens.
+        At least one token is always left to compute: its logits are needed."""
+        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
+            return []
+        hits: list[Block] = []
+        parent: int | None = None
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        tokens = request.all_token_ids
+        for i in range(max_blocks):
+            parent = hash_block(parent, tuple(tokens[i * self.block_size : (i + 1) * self.block_size]))
+            block = self.pool.lookup(parent)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def record_lookup(self, num_query_tokens: int, num_hit_tokens: int) -> None:
+        """Prefix-cache statistics, counted once per admitted request."""
+        self.num_queries += num_query_tokens
+        self.num_hits += num_hit_tokens
+
+    def allocate_slots(self, request: Request, num_new_tokens: int, cached: list[Block] = ()) -> bool:
+        """Make room for `num_new_tokens` after the request's computed (and cached) tokens.
+        Returns False, changing nothing, when there are not enough free blocks."""
+        table = self.block_tables.setdefault(request.request_id, [])
+        num_tokens = request.num_computed_tokens + len(cached) * self.block_size + num_new_tokens
+        num_needed = -(-num_tokens // self.block_size) - len(table) - len(cached)
+        # Cached blocks sitting in the free queue are taken out of it too.
+        num_revived = sum(1 for b in cached if b.ref_count == 0)
+        if num_needed + num_revived > self.num_free_blocks:
+            if not table:
+                del self.block_tables[request.request_id]
+            return False
+        for block in cached:
+            self.pool.acquire(block)
+        table.extend(cached)
+        table.extend(self.pool.allocate() for _ in range(max(num_needed, 0)))
+        if self.enable_prefix_caching:
+            self._register_full_blocks(request, table, num_tokens)
+        return True
+
+    def _register_full_blocks(self, request: Request, table: list[Block], num_tokens: int) -> None:
+        hashes = self.block_hashes.setdefault(request.request_id, [])
+        tokens = request.all_token_ids
+        bs = self.block_size
+        for i in range(len(hashes), num_tokens // bs):
+            block_hash = hash_block(hashes[-1] if hashes else None, tuple(tokens[i * bs : (i + 1) * bs]))
+            hashes.append(block_hash)
+            if table[i].block_hash is None:
+                self.pool.register(table[i], block_hash)
+
+    def free(self, request_id: str) -> None:
+        """Release a request's blocks, tail first so that its last blocks are evicted first."""
+        for block in reversed(self.block_tables.pop(request_id, [])):
+            self.pool.release(block)
+        self.block_hashes.pop(request_id, None)
+
+    def check_invariants(self) -> None:
+        refs: dict[int, int] = {}
+        for table in self.block_tables.values():
+            for block in table:
+                refs[block.block_id] = refs.get(block.block_id, 0) + 1
+        for block in self.pool.blocks:
+            in_free = block.block_id in self.pool.free_queue
+            assert in_free == (block.ref_count == 0), f"block {block.block_id}: free={in_free} ref={block.ref_count}"
+            assert block.ref_count == refs.get(block.block_id, 0), f"block {block.block_id}: ref count mismatch"
+        for block_hash, block_id in self.pool.cached.items():
+            assert self.pool.blocks[block_id].block_hash == block_hash

@@ -1,0 +1,72 @@
+"""Typed objects that cross the scheduler -> model runner -> scheduler boundary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pagedllm.sampling_params import SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    """Sent the first time a request is scheduled (and again after a preemption)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+
+
+@dataclass
+class ScheduledRequest:
+    request_id: str
+    num_computed_tokens: int  # tokens already in the KV cache
+    num_scheduled_tokens: int  # tokens to run this step
+    new_block_ids: list[int]  # appended to the runner's copy of the block table
+
+
+@dataclass
+class SchedulerOutput:
+    new_requests: list[NewRequestData]
+    scheduled: list[ScheduledRequest]  # in admission order
+    dropped_request_ids: set[str]  # finished, aborted or preempted: the runner drops their state
+    num_scheduled_tokens: int
+
+    @property
+    def empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class TokenLogprobs:
+    """Logprobs at some positions: the chosen token first, then the top-k alternatives."""
+
+    token_ids: torch.Tensor  # [N, 1 + k] int64
+    logprobs: torch.Tensor  # [N, 1 + k] float32
+    ranks: torch.Tensor  # [N] int64, rank of the chosen token (1 = most likely)
+
+
+@dataclass
+class ModelRunnerOutput:
+    sampled_token_ids: dict[str, int]  # only requests whose step ended at their last token
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    prompt_logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+
+
+@dataclass
+class EngineCoreOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: TokenLogprobs | None = None
+    prompt_logprobs: TokenLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

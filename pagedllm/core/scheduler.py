@@ -1,0 +1,193 @@
+"""Continuous batching: which tokens of which requests run in the next step.
+
+Every request has `num_computed_tokens` (KV in the cache) and `num_tokens`
+(prompt + generated). A step gives each running request the tokens it still
+lacks, within a token budget: 1 for a decode, up to the whole remainder for a
+prompt, so prefill chunks and decodes share a step (chunked prefill). Running
+requests go first, in admission order; waiting ones are admitted while budget,
+sequence slots and KV blocks last. When blocks run out, the most recently
+admitted running request is preempted by recompute: its blocks are freed and it
+goes back to the front of the waiting queue (the prefix cache usually hands most
+of its blocks back when it returns).
+
+The scheduler asks the KVCacheManager for room; it never touches blocks itself.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from pagedllm.config import SchedulerConfig
+from pagedllm.core.block_manager import KVCacheManager
+from pagedllm.core.interface import (
+    EngineCoreOutput,
+    ModelRunnerOutput,
+    NewRequestData,
+    ScheduledRequest,
+    SchedulerOutput,
+)
+from pagedllm.core.request import Request, RequestStatus
+from pagedllm.core.limits import check_fits
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv_cache_manager
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._dropped: set[str] = set()
+        self.num_preemptions = 0
+
+    # -- admission ---------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request, refusing up front one that could never run to its end."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        check_fits(request.num_prompt_tokens, request.max_tokens, self.config.max_model_len)
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            request = self.requests.get(request_id)
+            if request is not None:
+                self._finish(request, RequestStatus.FINISHED_ABORTED)
+
+    # -- the step --------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        new_requests: list[NewRequestData] = []
+        preempted = False
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_blocks_before = len(self.kv.block_tables.get(request.request_id, ()))
+            while not self.kv.allocate_slots(request, num_new):
+                victim = self.running.pop()  # the most recently admitted
+                self._preempt(victim)
+                preempted = True
+                if victim is request:
+                    break
+            else:
+                new_block_ids = self.kv.block_ids(request.request_id)[num_blocks_before:]
+                scheduled.append(ScheduledRequest(request.request_id, request.num_computed_tokens, num_new, new_block_ids))
+                budget -= num_new
+                i += 1
+
+        # New work waits while anything had to be preempted: there is no room for it.
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not preempted:
+            request = self.waiting[0]
+            cached = self.kv.find_cached_prefix(request)
+            num_cached = len(cached) * self.kv.block_size
+            num_new = min(request.num_tokens - num_cached, budget)
+            if not self.kv.allocate_slots(request, num_new, cached):
+                break
+            self.waiting.popleft()
+            self.kv.record_lookup(request.num_tokens, num_cached)
+            request.num_computed_tokens = num_cached
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            new_requests.append(
+                NewRequestData(
+                    request.request_id,
+                    request.prompt_token_ids,
+                    request.output_token_ids,
+                    request.sampling_params,
+                )
+            )
+            block_ids = self.kv.block_ids(request.request_id)
+            scheduled.append(ScheduledRequest(request.request_id, num_cached, num_new, block_ids))
+            budget -= num_new
+
+        dropped, self._dropped = self._dropped, set()
+        return SchedulerOutput(
+            new_requests=new_requests,
+            scheduled=scheduled,
+            dropped_request_ids=dropped,
+            num_scheduled_tokens=self.config.max_num_batched_tokens - budget,
+        )
+
+    def update(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        """Account the computed tokens, append sampled ones, finish what should stop."""
+        outputs: list[EngineCoreOutput] = []
+        for s in scheduler_output.scheduled:
+            request = self.requests.get(s.request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted or preempted since it was scheduled
+            request.num_computed_tokens += s.num_scheduled_tokens
+            prompt_logprobs = runner_output.prompt_logprobs.get(s.request_id)
+            token = runner_output.sampled_token_ids.get(s.request_id)
+            if token is None:  # a prefill chunk that did not reach the end of the prompt
+                if prompt_logprobs is not None:
+                    outputs.append(EngineCoreOutput(s.request_id, [], prompt_logprobs=prompt_logprobs))
+                continue
+            request.all_token_ids.append(token)
+            status = self._stop_status(request, token)
+            outputs.append(
+                EngineCoreOutput(
+                    s.request_id,
+                    [token],
+                    new_logprobs=runner_output.logprobs.get(s.request_id),
+                    prompt_logprobs=prompt_logprobs,
+                    finish_reason=status.value if status else None,
+                    stop_reason=request.stop_reason,
+                    num_cached_tokens=max(request.num_cached_tokens, 0),
+                )
+            )
+            if status is not None:
+                self._finish(request, status)
+        return outputs
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
+        params = request.sampling_params
+        # The sampler masks stop tokens until min_tokens are out; check the same bound here.
+        if request.num_output_tokens >= params.min_tokens and token in params.all_stop_token_ids:
+            if token in params.stop_token_ids:
+                request.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request.request_id)
+        request.status = RequestStatus.WAITING
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+        self._dropped.add(request.request_id)
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        request.status = status
+        self.kv.free(request.request_id)
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        del self.requests[request.request_id]
+        self._dropped.add(request.request_id)
+
+    # -- state -------------------------------------------------------------------------------------
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)

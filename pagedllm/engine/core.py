@@ -1,0 +1,114 @@
+"""EngineCore: the model, the KV cache and the scheduler; one step at a time."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from pagedllm.config import CacheConfig, EngineArgs, SchedulerConfig
+from pagedllm.core.block_manager import KVCacheManager
+from pagedllm.core.interface import EngineCoreOutput
+from pagedllm.core.request import Request
+from pagedllm.core.scheduler import Scheduler
+from pagedllm.loader.model_loader import load_model
+from pagedllm.worker.kv_cache import bytes_per_block
+from pagedllm.worker.model_runner import ModelRunner
+
+logger = logging.getLogger("pagedllm")
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What a front end needs to know about a running core (it may live in another process)."""
+
+    model_name: str
+    max_model_len: int
+    eos_token_ids: frozenset[int]
+    cache: CacheConfig
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for metrics; the prefix-cache and preemption figures are running totals."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of blocks in use
+    prefix_cache_queries: int  # tokens looked up
+    prefix_cache_hits: int  # tokens found
+    num_preemptions: int
+
+
+class EngineCore:
+    def __init__(self, args: EngineArgs) -> None:
+        loaded = load_model(args)
+        self.tokenizer = loaded.tokenizer
+        self.runner = ModelRunner(loaded, args)
+        cache = CacheConfig(args.block_size, self.runner.num_blocks, args.enable_prefix_caching)
+        max_model_len = _fit_max_model_len(loaded.config.max_model_len, cache, args)
+        device = args.resolved_device
+        default_budget = 8192 if device.startswith("cuda") else 2048
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens or max(default_budget, args.max_num_seqs),
+                max_model_len=max_model_len,
+            ),
+            KVCacheManager(cache.num_blocks, cache.block_size, cache.enable_prefix_caching),
+        )
+        self.info = EngineInfo(
+            model_name=args.served_model_name or loaded.config.name,
+            max_model_len=max_model_len,
+            eos_token_ids=frozenset(loaded.eos_token_ids),
+            cache=cache,
+        )
+        logger.info(
+            "KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %s); max_model_len %d; prefix caching %s",
+            cache.num_blocks,
+            cache.block_size,
+            cache.num_tokens,
+            cache.num_blocks * bytes_per_block(loaded.config, cache.block_size) / 2**30,
+            device,
+            max_model_len,
+            "on" if cache.enable_prefix_caching else "off",
+        )
+
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add_request(request)
+
+    def abort(self, request_ids: list[str]) -> None:
+        self.scheduler.abort(request_ids)
+
+    def step(self) -> list[EngineCoreOutput]:
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.empty:
+            return []
+        runner_output = self.runner.execute(scheduler_output)
+        return self.scheduler.update(scheduler_output, runner_output)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def stats(self) -> EngineStats:
+        kv = self.scheduler.kv
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_cache_usage=kv.usage,
+            prefix_cache_queries=kv.num_queries,
+            prefix_cache_hits=kv.num_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+
+def _fit_max_model_len(max_model_len: int, cache: CacheConfig, args: EngineArgs) -> int:
+    """A request of max_model_len tokens must fit in the cache on its own."""
+    if max_model_len <= cache.num_tokens:
+        return max_model_len
+    if args.max_model_len is not None:
+        raise ValueError(
+            f"max_model_len {max_model_len} needs {max_model_len} tokens of KV cache, but the cache holds "
+            f"{cache.num_tokens}: raise kv_cache_memory / gpu_memory_utilization or lower max_model_len"
+        )
+    logger.warning("the KV cache holds %d tokens: lowering max_model_len from %d to that", cache.num_tokens, max_model_len)
+    return cache.num_tokens

@@ -1,0 +1,48 @@
+"""Turns a user's prompt and SamplingParams into core Requests (tokenize, resolve
+defaults, refuse what can never fit)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from pagedllm.core.limits import check_fits
+from pagedllm.core.request import Request
+from pagedllm.engine.core import EngineInfo
+from pagedllm.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class InputProcessor:
+    def __init__(self, tokenizer, info: EngineInfo) -> None:
+        self.tokenizer = tokenizer
+        self.info = info
+
+    def tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if not prompt or not all(isinstance(t, int) for t in prompt):
+            raise ValueError("a prompt must be a non-empty string or a non-empty list of token ids")
+        vocab = len(self.tokenizer)
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        return None, list(prompt)
+
+    def resolve_params(self, params: SamplingParams, num_prompt_tokens: int) -> SamplingParams:
+        """max_tokens filled in, the model's EOS ids attached, and the length checked."""
+        max_len = self.info.max_model_len
+        max_tokens = params.max_tokens if params.max_tokens is not None else max(max_len - num_prompt_tokens, 1)
+        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.info.eos_token_ids))
+        check_fits(num_prompt_tokens, max_tokens, max_len)
+        return replace(params, max_tokens=max_tokens, all_stop_token_ids=stop_ids)
+
+    def make_requests(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> list[Request]:
+        """One core request per completion; n > 1 fans out into children `i_<id>`."""
+        if params.n == 1:
+            return [Request(request_id, prompt_ids, params)]
+        return [Request(child_id(request_id, i), prompt_ids, params.for_child(i)) for i in range(params.n)]
+
+
+def child_id(request_id: str, index: int) -> str:
+    return f"{index}_{request_id}"

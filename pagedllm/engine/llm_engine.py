@@ -1,0 +1,40 @@
+"""LLMEngine: the synchronous front end around an in-process EngineCore, used by
+the offline LLM class. add_request -> step() until done."""
+
+from __future__ import annotations
+
+from pagedllm.config import EngineArgs
+from pagedllm.engine.core import EngineCore
+from pagedllm.engine.input_processor import InputProcessor, Prompt
+from pagedllm.engine.output_processor import OutputProcessor
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import SamplingParams
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs) -> None:
+        self.args = args
+        self.core = EngineCore(args)
+        self.tokenizer = self.core.tokenizer
+        self.inputs = InputProcessor(self.tokenizer, self.core.info)
+        self.outputs = OutputProcessor(self.tokenizer)
+
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams) -> None:
+        text, prompt_ids = self.inputs.tokenize(prompt)
+        params = self.inputs.resolve_params(params, len(prompt_ids))
+        requests = self.inputs.make_requests(request_id, prompt_ids, params)
+        self.outputs.add_request(request_id, text, prompt_ids, params)
+        for request in requests:
+            self.core.add_request(request)
+
+    def step(self) -> list[RequestOutput]:
+        changed, stopped = self.outputs.process(self.core.step())
+        if stopped:
+            self.core.abort(stopped)
+        return changed
+
+    def abort_request(self, request_id: str) -> None:
+        self.core.abort(self.outputs.abort(request_id))
+
+    def has_unfinished_requests(self) -> bool:
+        return self.core.has_unfinished_requests() or self.outputs.has_unfinished()

@@ -1,0 +1,121 @@
+"""From EngineArgs to a model on its device, its tokenizer and a ModelConfig."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pagedllm.config import DTYPES, EngineArgs, ModelConfig
+from pagedllm.loader.checkpoint import Checkpoint, open_checkpoint
+from pagedllm.models import get_model_class
+
+logger = logging.getLogger("pagedllm")
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    model: nn.Module
+    tokenizer: Any  # transformers PreTrainedTokenizerBase
+    eos_token_ids: set[int]
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(requested: str, hf_config, device: str) -> torch.dtype:
+    if requested != "auto":
+        return DTYPES[requested]
+    if device.startswith("cuda"):
+        config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        if isinstance(config_dtype, str):
+            config_dtype = DTYPES.get(config_dtype)
+        return config_dtype if config_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+@contextlib.contextmanager
+def _no_init(device: str, dtype: torch.dtype):
+    """Build modules directly on the device in the target dtype, skipping the random
+    init that the checkpoint overwrites anyway."""
+    saved = {cls: cls.reset_parameters for cls in (nn.Linear, nn.Embedding)}
+    old_dtype = torch.get_default_dtype()
+    try:
+        for cls in saved:
+            cls.reset_parameters = lambda self: None
+        torch.set_default_dtype(dtype)
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(old_dtype)
+        for cls, fn in saved.items():
+            cls.reset_parameters = fn
+
+
+def _with_progress(weights: Iterator[tuple[str, torch.Tensor]], total: int, desc: str):
+    disable = os.environ.get("PAGEDLLM_NO_PROGRESS") == "1" or None
+    yield from tqdm(weights, total=total, desc=desc, unit="tensor", leave=False, disable=disable)
+
+
+def load_model(args: EngineArgs) -> LoadedModel:
+    start = time.perf_counter()
+    checkpoint: Checkpoint = open_checkpoint(args)
+    device = args.resolved_device
+    dtype = resolve_dtype(args.dtype, checkpoint.hf_config, device)
+    max_len = checkpoint.max_position_embeddings
+    if args.max_model_len is not None:
+        max_len = args.max_model_len
+    config = ModelConfig(
+        name=checkpoint.name,
+        source=checkpoint.source,
+        hf_config=checkpoint.hf_config,
+        dtype=dtype,
+        device=device,
+        max_model_len=max_len,
+    )
+    model_class = get_model_class(checkpoint.hf_config)
+    with _no_init(device, dtype):
+        model = model_class(checkpoint.hf_config)
+    model.load_weights(
+        (name, tensor.to(dtype)) for name, tensor in _with_progress(checkpoint.weights(dtype), checkpoint.num_tensors, "loading weights")
+    )
+    model.eval().requires_grad_(False)
+    tokenizer = checkpoint.tokenizer()
+    if args.chat_template is not None:
+        tokenizer.chat_template = _read_chat_template(args.chat_template)
+    logger.info(
+        "loaded %s (%s) from %s: %s, %s, %.1fM parameters, in %.2f s",
+        checkpoint.name,
+        model_class.__name__,
+        checkpoint.source,
+        str(dtype).removeprefix("torch."),
+        device,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        time.perf_counter() - start,
+    )
+    return LoadedModel(config, model, tokenizer, checkpoint.eos_token_ids(tokenizer))
+
+
+def _read_chat_template(value: str) -> str:
+    """A chat template given inline or as the path of a file holding it."""
+    if os.path.isfile(value):
+        with open(value) as f:
+            return f.read()
+    if "{%" in value or "{{" in value:
+        return value
+    raise ValueError(f"chat_template {value!r} is neither a file nor a Jinja template")

@@ -1,0 +1,1 @@
+"""The model runner: KV cache tensors, batch preparation, forward and sampling."""

@@ -1,0 +1,158 @@
+"""Runs one scheduled step: prepares the flattened batch, calls the model on the
+paged KV cache, and samples.
+
+Batch order: sequences with one token to run (decodes) first, then prefill
+chunks, as AttentionMetadata requires. The only host sync of a step is reading
+the sampled tokens (and logprobs, when asked for) back.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pagedllm.attention import AttentionMetadata, get_attention_backend
+from pagedllm.config import EngineArgs
+from pagedllm.core.interface import ModelRunnerOutput, SchedulerOutput, ScheduledRequest, TokenLogprobs
+from pagedllm.layers.attention import bind_kv_cache
+from pagedllm.layers.sampler import Sampler, token_logprobs
+from pagedllm.loader.model_loader import LoadedModel
+from pagedllm.worker.kv_cache import allocate_kv_cache
+from pagedllm.worker.request_state import RunnerRequestState
+from pagedllm.worker.sampling_batch import build_sampling_batch
+
+logger = logging.getLogger("pagedllm")
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # rows of the hidden states that get logits
+    sample_rows: list[tuple[str, int]]  # (request, row in logits) of requests that sample
+    prompt_rows: list[tuple[str, int, int, int]]  # (request, first logits row, count, first target position)
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, args: EngineArgs) -> None:
+        self.model = loaded.model
+        self.config = loaded.config
+        self.device = loaded.config.device
+        self.block_size = args.block_size
+        backend_name = args.attention_backend or ("triton" if self.device.startswith("cuda") else "torch")
+        self.backend = get_attention_backend(backend_name)
+        self.kv_caches, self.num_blocks = allocate_kv_cache(self.config, args)
+        bind_kv_cache(self.model, self.kv_caches, self.backend)
+        self.sampler = Sampler(self.device)
+        self.requests: dict[str, RunnerRequestState] = {}
+
+    # -- one step -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_states(so)
+        inputs = self._prepare(so.scheduled)
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
+        logits = self.model.compute_logits(hidden[inputs.logits_indices]).float()
+        return self._sample(logits, inputs)
+
+    def _update_states(self, so: SchedulerOutput) -> None:
+        for request_id in so.dropped_request_ids:
+            self.requests.pop(request_id, None)
+        for new in so.new_requests:
+            self.requests[new.request_id] = RunnerRequestState.from_new(new)
+        for s in so.scheduled:
+            self.requests[s.request_id].block_ids.extend(s.new_block_ids)
+
+    def _prepare(self, scheduled: list[ScheduledRequest]) -> StepInputs:
+        # Decodes first (stable, so admission order is kept within each group).
+        order = sorted(scheduled, key=lambda s: s.num_scheduled_tokens != 1)
+        num_decodes = sum(1 for s in order if s.num_scheduled_tokens == 1)
+        num_tokens = sum(s.num_scheduled_tokens for s in order)
+        max_blocks = max(len(self.requests[s.request_id].block_ids) for s in order)
+
+        input_ids = np.empty(num_tokens, dtype=np.int64)
+        positions = np.empty(num_tokens, dtype=np.int64)
+        slot_mapping = np.empty(num_tokens, dtype=np.int64)
+        block_tables = np.zeros((len(order), max_blocks), dtype=np.int32)
+        query_start_loc = [0]
+        seq_lens: list[int] = []
+        logits_indices: list[int] = []
+        sample_rows: list[tuple[str, int]] = []
+        prompt_rows: list[tuple[str, int, int, int]] = []
+
+        for i, s in enumerate(order):
+            state = self.requests[s.request_id]
+            start, end = s.num_computed_tokens, s.num_computed_tokens + s.num_scheduled_tokens
+            t0 = query_start_loc[-1]
+            input_ids[t0 : t0 + s.num_scheduled_tokens] = state.token_ids[start:end]
+            positions[t0 : t0 + s.num_scheduled_tokens] = np.arange(start, end)
+            block_tables[i, : len(state.block_ids)] = state.block_ids
+            pos = positions[t0 : t0 + s.num_scheduled_tokens]
+            slot_mapping[t0 : t0 + s.num_scheduled_tokens] = block_tables[i, pos // self.block_size] * self.block_size + pos % self.block_size
+            query_start_loc.append(t0 + s.num_scheduled_tokens)
+            seq_lens.append(end)
+            # Prompt logprobs: logits at position p score the token at p + 1.
+            if state.sampling_params.prompt_logprobs is not None and start < state.num_prompt_tokens - 1:
+                last = min(end, state.num_prompt_tokens - 1)
+                prompt_rows.append((s.request_id, len(logits_indices), last - start, start + 1))
+                logits_indices.extend(range(t0, t0 + last - start))
+            if end == len(state.token_ids):  # the step reaches the request's last token: sample
+                sample_rows.append((s.request_id, len(logits_indices)))
+                logits_indices.append(t0 + s.num_scheduled_tokens - 1)
+
+        to = self._to_device
+        meta = AttentionMetadata(
+            slot_mapping=to(slot_mapping),
+            query_start_loc=to(np.array(query_start_loc, dtype=np.int32)),
+            seq_lens=to(np.array(seq_lens, dtype=np.int32)),
+            block_tables=to(block_tables),
+            num_decodes=num_decodes,
+            num_decode_tokens=num_decodes,
+            max_query_len=max(s.num_scheduled_tokens for s in order),
+            max_seq_len=max(seq_lens),
+            query_start_loc_cpu=query_start_loc,
+            seq_lens_cpu=seq_lens,
+        )
+        return StepInputs(
+            to(input_ids), to(positions), meta, to(np.array(logits_indices, dtype=np.int64)), sample_rows, prompt_rows
+        )
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        if self.device == "cpu":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
+    def _sample(self, logits: torch.Tensor, inputs: StepInputs) -> ModelRunnerOutput:
+        output = ModelRunnerOutput(sampled_token_ids={})
+        if inputs.sample_rows:
+            states = [self.requests[rid] for rid, _ in inputs.sample_rows]
+            rows = torch.tensor([row for _, row in inputs.sample_rows], device=logits.device)
+            batch = build_sampling_batch(states, self.device)
+            result = self.sampler(logits[rows], batch)
+            sampled = result.sampled_token_ids.tolist()  # the step's one host sync
+            for i, (state, token) in enumerate(zip(states, sampled)):
+                state.token_ids.append(token)
+                output.sampled_token_ids[state.request_id] = token
+                if state.sampling_params.logprobs is not None:
+                    output.logprobs[state.request_id] = _slice(result.logprobs, i, 1, state.sampling_params.logprobs)
+        for request_id, first_row, count, target_pos in inputs.prompt_rows:
+            state = self.requests[request_id]
+            targets = torch.tensor(state.token_ids[target_pos : target_pos + count], device=logits.device)
+            lp = logits[first_row : first_row + count].log_softmax(dim=-1)
+            output.prompt_logprobs[request_id] = _to_cpu(token_logprobs(lp, targets, state.sampling_params.prompt_logprobs))
+        return output
+
+
+def _slice(lp: TokenLogprobs, start: int, count: int, k: int) -> TokenLogprobs:
+    end = start + count
+    return _to_cpu(TokenLogprobs(lp.token_ids[start:end, : k + 1], lp.logprobs[start:end, : k + 1], lp.ranks[start:end]))
+
+
+def _to_cpu(lp: TokenLogprobs) -> TokenLogprobs:
+    return TokenLogprobs(lp.token_ids.cpu(), lp.logprobs.cpu(), lp.ranks.cpu())

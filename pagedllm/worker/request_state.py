@@ -1,0 +1,37 @@
+"""The model runner's copy of a request: its tokens, block table and sampler state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pagedllm.core.interface import NewRequestData
+from pagedllm.sampling_params import SamplingParams
+
+
+@dataclass
+class RunnerRequestState:
+    request_id: str
+    token_ids: list[int]  # prompt + generated
+    num_prompt_tokens: int
+    sampling_params: SamplingParams
+    block_ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_new(cls, new: NewRequestData) -> RunnerRequestState:
+        return cls(
+            request_id=new.request_id,
+            token_ids=new.prompt_token_ids + new.output_token_ids,
+            num_prompt_tokens=len(new.prompt_token_ids),
+            sampling_params=new.sampling_params,
+        )
+
+    def step_seed(self) -> int | None:
+        """Seed of the draw for the next token: a function of the request's seed and the
+        token's position, so a seeded request samples the same tokens whatever shares its
+        batch, and also after a preemption."""
+        seed = self.sampling_params.seed
+        return None if seed is None else hash((seed, len(self.token_ids) - self.num_prompt_tokens)) & (2**63 - 1)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]

@@ -1,0 +1,50 @@
+"""SamplingBatch from the runner's request states: per-row tensors, and the
+optional parts (top-k, penalties, ...) only when some row uses them."""
+
+from __future__ import annotations
+
+import torch
+
+from pagedllm.layers.sampler import SamplingBatch
+from pagedllm.worker.request_state import RunnerRequestState
+
+
+def build_sampling_batch(states: list[RunnerRequestState], device: str) -> SamplingBatch:
+    params = [s.sampling_params for s in states]
+
+    def column(values, dtype=torch.float32):
+        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+    def optional(attr: str, off, dtype=torch.float32, replace_off=None):
+        values = [getattr(p, attr) for p in params]
+        if all(v == off for v in values):
+            return None
+        if replace_off is not None:
+            values = [replace_off if v == off else v for v in values]
+        return column(values, dtype)
+
+    penalties = any(
+        p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1 for p in params
+    )
+    masked = {
+        row: sorted(p.all_stop_token_ids)
+        for row, (p, s) in enumerate(zip(params, states))
+        if len(s.output_token_ids) < p.min_tokens and p.all_stop_token_ids
+    }
+    seeds = {row: seed for row, s in enumerate(states) if (seed := s.step_seed()) is not None}
+    wanted_logprobs = [p.logprobs for p in params if p.logprobs is not None]
+    return SamplingBatch(
+        temperature=column([p.temperature for p in params]),
+        all_greedy=all(p.greedy for p in params),
+        top_k=optional("top_k", 0, torch.int64, replace_off=2**31 - 1),
+        top_p=optional("top_p", 1.0),
+        min_p=optional("min_p", 0.0),
+        presence_penalty=column([p.presence_penalty for p in params]) if penalties else None,
+        frequency_penalty=column([p.frequency_penalty for p in params]) if penalties else None,
+        repetition_penalty=column([p.repetition_penalty for p in params]) if penalties else None,
+        prompt_token_ids=[s.token_ids[: s.num_prompt_tokens] for s in states] if penalties else [],
+        output_token_ids=[s.output_token_ids for s in states] if penalties else [],
+        seeds=seeds,
+        masked_token_ids=masked,
+        max_num_logprobs=max(wanted_logprobs) if wanted_logprobs else None,
+    )
