@@ -29,14 +29,17 @@ STACKED = [
 
 class LlamaAttention(nn.Module):
     def __init__(self, config, qkv_bias: bool = False) -> None:
+        """qkv_bias: q/k/v carry a bias even where o_proj does not (Qwen2); `attention_bias`
+        in the config puts one on all four (Llama variants, Qwen3)."""
         super().__init__()
+        bias = bool(getattr(config, "attention_bias", False))
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = merged_linear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=getattr(config, "attention_bias", False) and not qkv_bias)
+        self.qkv_proj = merged_linear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=qkv_bias or bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=bias)
         theta, scaling = rope_parameters(config)
         self.rotary = RotaryEmbedding(self.head_dim, config.max_position_embeddings, theta, scaling)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
@@ -60,10 +63,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, attention_class: type[nn.Module] = LlamaAttention) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = LlamaAttention(config)
+        self.self_attn = attention_class(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
@@ -78,10 +81,10 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, attention_class: type[nn.Module] = LlamaAttention) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, attention_class) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -93,10 +96,13 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    # The one thing the Llama-shaped families change (qwen2.py, qwen3.py); the rest is shared.
+    attention_class: type[nn.Module] = LlamaAttention
+
     def __init__(self, config) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.model = LlamaModel(config, self.attention_class)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if not self.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

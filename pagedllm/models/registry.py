@@ -9,8 +9,12 @@ from torch import nn
 
 # architecture name -> (module, class)
 _MODELS: dict[str, tuple[str, str]] = {
+    "GPT2LMHeadModel": ("gpt2", "GPT2LMHeadModel"),
     "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("llama", "LlamaForCausalLM"),
+    "OPTForCausalLM": ("opt", "OPTForCausalLM"),
+    "Qwen2ForCausalLM": ("qwen2", "Qwen2ForCausalLM"),
+    "Qwen3ForCausalLM": ("qwen3", "Qwen3ForCausalLM"),
 }
 
 
