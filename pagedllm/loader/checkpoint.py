@@ -4,6 +4,7 @@ HF-named weight tensors, read one at a time so two copies never coexist."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,6 +14,9 @@ from typing import Any
 import torch
 
 from pagedllm.config import EngineArgs
+from pagedllm.loader.resolve import BUNDLED_MODEL_NAME, resolve_model, resolve_tokenizer  # noqa: F401 (re-exported)
+
+logger = logging.getLogger("pagedllm")
 
 
 class Checkpoint:
@@ -35,7 +39,7 @@ class Checkpoint:
     def eos_token_ids(self, tokenizer) -> set[int]:
         ids = getattr(self.hf_config, "eos_token_id", None)
         ids = set(ids) if isinstance(ids, (list, tuple)) else ({ids} if ids is not None else set())
-        if tokenizer.eos_token_id is not None:
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
             ids.add(tokenizer.eos_token_id)
         return ids
 
@@ -70,7 +74,12 @@ class GGUFCheckpoint(Checkpoint):
 
 @dataclass
 class HFFolderCheckpoint(Checkpoint):
-    """A folder as `save_pretrained` writes it: config.json, *.safetensors or pytorch_model*.bin."""
+    """A folder as `save_pretrained` writes it: config.json, weights and tokenizer files.
+
+    Weights, in order of preference: *.safetensors (one file, or shards named by
+    model.safetensors.index.json), then pytorch_model*.bin (likewise with
+    pytorch_model.bin.index.json). They are read one shard and one tensor at a time.
+    """
 
     path: str
     name: str
@@ -85,23 +94,68 @@ class HFFolderCheckpoint(Checkpoint):
     def hf_config(self):
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
+        return AutoConfig.from_pretrained(self.path, trust_remote_code=self.trust_remote_code, local_files_only=True)
+
+    @cached_property
+    def max_position_embeddings(self) -> int:
+        """The config's context length, capped at the sliding window where the model uses one
+        (Mistral 7B v0.1): our attention is full, which is exact only within the window."""
+        max_len = super().max_position_embeddings
+        window = getattr(self.hf_config, "sliding_window", None)
+        layer_types = getattr(self.hf_config, "layer_types", None)
+        if window and (layer_types is None or "sliding_attention" in layer_types) and window < max_len:
+            logger.warning(
+                "%s uses sliding-window attention (window %d), which pagedllm does not implement: "
+                "max_model_len is capped at %d, where full attention gives the same results",
+                self.name, window, window,
+            )
+            return window
+        return max_len
 
     @cached_property
     def weight_files(self) -> list[str]:
-        files = sorted(f for f in os.listdir(self.path) if f.endswith(".safetensors"))
-        if not files:
-            files = sorted(f for f in os.listdir(self.path) if f.startswith("pytorch_model") and f.endswith(".bin"))
-        index = [f for f in os.listdir(self.path) if f.endswith(".index.json")]
-        if index:  # only the shards the index names (a folder may hold stray files)
-            with open(os.path.join(self.path, index[0])) as f:
-                named = set(json.load(f)["weight_map"].values())
-            files = [f for f in files if f in named]
-        if not files:
-            raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {self.path}")
-        return [os.path.join(self.path, f) for f in files]
+        names = set(os.listdir(self.path))
+        for suffix, index_name in ((".safetensors", _SAFETENSORS_INDEX), (".bin", _BIN_INDEX)):
+            if index_name in names:  # only the shards the index names (a folder may hold stray files)
+                with open(os.path.join(self.path, index_name)) as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+                absent = [s for s in shards if s not in names]
+                if absent:
+                    raise FileNotFoundError(
+                        f"{self.path}: {index_name} names weight shards that are not there: {', '.join(absent)}; "
+                        f"copy the whole model folder again"
+                    )
+                return [os.path.join(self.path, s) for s in shards]
+            plain = sorted(n for n in names if n.endswith(suffix) and (suffix != ".bin" or n.startswith("pytorch_model")))
+            if plain:
+                return [os.path.join(self.path, n) for n in plain]
+        raise FileNotFoundError(
+            f"no weights in {self.path}: expected *.safetensors or pytorch_model*.bin (it has {', '.join(sorted(names))}); "
+            f"copy the weight files of the model into it"
+        )
+
+    @cached_property
+    def num_tensors(self) -> int | None:
+        """For the progress bar: from the safetensors headers (cheap) or the index; None for a lone .bin."""
+        files = self.weight_files
+        if files[0].endswith(".safetensors"):
+            from safetensors import safe_open
+
+            total = 0
+            for file in files:
+                with safe_open(file, framework="pt") as f:
+                    total += len(f.keys())
+            return total
+        index = os.path.join(self.path, _BIN_INDEX)
+        if os.path.exists(index):
+            with open(index) as f:
+                return len(json.load(f)["weight_map"])
+        return None
 
     def weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, tensor) one at a time: a tensor is read when asked for and dropped once the
+        model has copied it, so memory holds the model plus one tensor (plus, for .bin, the
+        current shard where it cannot be memory-mapped)."""
         for file in self.weight_files:
             if file.endswith(".safetensors"):
                 from safetensors import safe_open
@@ -110,14 +164,14 @@ class HFFolderCheckpoint(Checkpoint):
                     for name in f.keys():
                         yield name, f.get_tensor(name)
             else:
-                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-                yield from state.items()
+                state = _load_bin(file)
+                while state:
+                    name = next(iter(state))
+                    yield name, state.pop(name)
                 del state
 
     def tokenizer(self):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(self.tokenizer_path or self.path, trust_remote_code=self.trust_remote_code)
+        return load_hf_tokenizer(self.tokenizer_path or self.path, self.trust_remote_code)
 
     def eos_token_ids(self, tokenizer) -> set[int]:
         ids = super().eos_token_ids(tokenizer)
@@ -129,19 +183,49 @@ class HFFolderCheckpoint(Checkpoint):
         return ids
 
 
-BUNDLED_MODEL_NAME = "SmolLM2-135M-Instruct"
+@dataclass
+class GGUFWithHFTokenizer(GGUFCheckpoint):
+    """A GGUF file whose tokenizer comes from elsewhere (tokenizer=), as vLLM advises for GGUF."""
+
+    tokenizer_path: str = ""
+    trust_remote_code: bool = False
+
+    def tokenizer(self):
+        return load_hf_tokenizer(self.tokenizer_path, self.trust_remote_code)
+
+
+_SAFETENSORS_INDEX = "model.safetensors.index.json"
+_BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+def _load_bin(file: str) -> dict[str, torch.Tensor]:
+    try:  # memory-mapped: tensors are paged in as they are copied
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # the pre-1.6 (non-zip) format cannot be mapped
+        return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def load_hf_tokenizer(folder: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    from pagedllm.loader.resolve import TOKENIZER_FILES
+
+    if not any(os.path.isfile(os.path.join(folder, f)) for f in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"no tokenizer in {folder} (none of {', '.join(TOKENIZER_FILES)}): copy the tokenizer files of the model "
+            f"into it, or pass tokenizer= a folder or org/name that has them (CLI: --tokenizer)"
+        )
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, local_files_only=True)
 
 
 def open_checkpoint(args: EngineArgs) -> Checkpoint:
-    if args.model is None:
-        from pagedllm.loader.gguf import find_bundled_model
-
-        return GGUFCheckpoint(find_bundled_model(), BUNDLED_MODEL_NAME)
-    ref = os.path.expanduser(args.model)
-    if ref.endswith(".gguf") and os.path.isfile(ref):
-        return GGUFCheckpoint(os.path.abspath(ref), os.path.basename(ref).removesuffix(".gguf"))
-    if os.path.isfile(os.path.join(ref, "config.json")):
-        return HFFolderCheckpoint(os.path.abspath(ref), args.model, args.tokenizer, args.trust_remote_code)
-    raise FileNotFoundError(
-        f"model {args.model!r} not found: pass a folder holding config.json and weights, or a .gguf file"
+    """The checkpoint `args.model` refers to (see loader/resolve.py for what a reference can be)."""
+    files = resolve_model(args.model, args.revision, args.download_dir, args.allow_download)
+    tokenizer_path = (
+        resolve_tokenizer(args.tokenizer, None, args.download_dir, args.allow_download) if args.tokenizer else None
     )
+    if files.format == "gguf":
+        if tokenizer_path is not None:
+            return GGUFWithHFTokenizer(files.path, files.name, tokenizer_path, args.trust_remote_code)
+        return GGUFCheckpoint(files.path, files.name)
+    return HFFolderCheckpoint(files.path, files.name, tokenizer_path, args.trust_remote_code)
