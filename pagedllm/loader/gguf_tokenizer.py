@@ -1,0 +1,78 @@
+"""Build a Hugging Face fast tokenizer from a GGUF file's tokenizer metadata.
+
+A GGUF carries no tokenizer.json: only the vocabulary, the merges, the token types, the special
+token ids and the name of the pre-tokenizer (`tokenizer.ggml.pre`) the model was trained with. We
+rebuild the byte-level BPE from those in one pass (transformers' converter takes ~4 s, most of it
+re-parsing the 49k-entry vocabulary).
+"""
+
+from typing import Any
+
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+def _gpt2_byte_level():
+    """GPT-2's split regex, then bytes -> printable characters."""
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+def _digits_then_byte_level():
+    """StarCoder's tokenizer.json (SmolLM, SmolLM2 reuse it): every digit on its own, then GPT-2's.
+
+    llama.cpp's "smollm"/"starcoder" regexes, `\\p{N}` then GPT-2's, do the same. transformers'
+    GGUF converter does not know these names and drops the digit split, which changes the ids of
+    whitespace runs in front of a digit ("a  1", "\\n\\n1.").
+    """
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _gpt2_byte_level()])
+
+
+# tokenizer.ggml.pre -> the pre-tokenizer that model's tokenizer.json uses. Add entries here.
+PRE_TOKENIZERS = {
+    "default": _gpt2_byte_level,
+    "gpt-2": _gpt2_byte_level,
+    "smollm": _digits_then_byte_level,
+    "starcoder": _digits_then_byte_level,
+}
+
+
+def build_tokenizer(metadata: dict[str, Any]) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (tokenizer.ggml.model "gpt2") with its special tokens and chat template."""
+    kind, pre = metadata.get("tokenizer.ggml.model"), metadata.get("tokenizer.ggml.pre", "default")
+    if kind != "gpt2":
+        raise ValueError(f"GGUF tokenizer model {kind!r} is not supported yet; pagedllm builds 'gpt2' (byte-level BPE).")
+    if pre not in PRE_TOKENIZERS:
+        raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported yet; known: {sorted(PRE_TOKENIZERS)}.")
+
+    tokens = metadata["tokenizer.ggml.tokens"]
+    merges = [tuple(merge.split(" ", 1)) for merge in metadata["tokenizer.ggml.merges"]]
+    backend = Tokenizer(models.BPE({token: i for i, token in enumerate(tokens)}, merges, fuse_unk=False))
+    backend.pre_tokenizer = PRE_TOKENIZERS[pre]()
+    backend.decoder = decoders.ByteLevel()
+
+    # Control tokens (<|im_start|>, <|endoftext|>) and user-defined ones must match whole, never be cut by BPE.
+    token_types = metadata.get("tokenizer.ggml.token_type") or []
+    added = [
+        AddedToken(token, special=token_type == _CONTROL, normalized=False)
+        for token, token_type in zip(tokens, token_types)
+        if token_type in (_CONTROL, _USER_DEFINED)
+    ]
+    backend.add_special_tokens([token for token in added if token.special])
+    backend.add_tokens([token for token in added if not token.special])
+
+    def token(key: str) -> str | None:
+        token_id = metadata.get(f"tokenizer.ggml.{key}_token_id")
+        return None if token_id is None else tokens[token_id]
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=token("bos"),
+        eos_token=token("eos"),
+        unk_token=token("unknown"),
+        pad_token=token("padding"),
+        add_bos_token=metadata.get("tokenizer.ggml.add_bos_token", False),
+        add_eos_token=metadata.get("tokenizer.ggml.add_eos_token", False),
+        chat_template=metadata.get("tokenizer.chat_template"),
+    )
