@@ -58,6 +58,8 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     chat_template: str | None = None
     trust_remote_code: bool = False
+    load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarks)
+    skip_tokenizer_init: bool = False  # token-id prompts only; outputs carry no text
 
     def __post_init__(self) -> None:
         dtype = _DTYPE_ALIASES.get(self.dtype, self.dtype)
@@ -81,6 +83,8 @@ class EngineArgs:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_cache_memory is not None and self.kv_cache_memory_bytes <= 0:
             raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
 

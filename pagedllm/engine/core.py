@@ -23,6 +23,7 @@ class EngineInfo:
 
     model_name: str
     max_model_len: int
+    vocab_size: int
     eos_token_ids: frozenset[int]
     cache: CacheConfig
 
@@ -59,6 +60,7 @@ class EngineCore:
         self.info = EngineInfo(
             model_name=args.served_model_name or loaded.config.name,
             max_model_len=max_model_len,
+            vocab_size=loaded.config.vocab_size,
             eos_token_ids=frozenset(loaded.eos_token_ids),
             cache=cache,
         )

@@ -41,6 +41,8 @@ class IncrementalDetokenizer:
     def add(self, token_id: int, may_stop: bool = True) -> str | None:
         """Append a token; returns the stop string if the text now contains one (the
         text is then cut at it, or after it with include_stop_str_in_output)."""
+        if self.tokenizer is None:  # skip_tokenizer_init: token ids only
+            return None
         self.token_ids.append(token_id)
         prefix = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
         full = self._decode(self.token_ids[self.prefix_offset :])

@@ -20,10 +20,12 @@ class InputProcessor:
 
     def tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("the engine was started with skip_tokenizer_init: give prompts as token ids")
             return prompt, self.tokenizer.encode(prompt)
         if not prompt or not all(isinstance(t, int) for t in prompt):
             raise ValueError("a prompt must be a non-empty string or a non-empty list of token ids")
-        vocab = len(self.tokenizer)
+        vocab = self.info.vocab_size
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")

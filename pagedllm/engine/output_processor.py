@@ -132,8 +132,17 @@ class OutputProcessor:
             dicts.append(entry)
         return dicts
 
-    def _piece(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+    def _piece(self, token_id: int) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode([token_id])
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
+
+    def text_to_send(self, request_id: str, index: int) -> str | None:
+        """What a stream may send of completion `index` now: the detokenizer holds back a
+        possible start of a stop string. None once the request is done here (send all)."""
+        state = self.requests.get(request_id)
+        if state is None:
+            return None
+        seq = next(s for s in state.sequences.values() if s.index == index)
+        return seq.detokenizer.text_to_send(seq.output.finish_reason is not None)

@@ -91,12 +91,14 @@ def load_model(args: EngineArgs) -> LoadedModel:
     model_class = get_model_class(checkpoint.hf_config)
     with _no_init(device, dtype):
         model = model_class(checkpoint.hf_config)
-    model.load_weights(
-        (name, tensor.to(dtype)) for name, tensor in _with_progress(checkpoint.weights(dtype), checkpoint.num_tensors, "loading weights")
-    )
+    if args.load_format == "dummy":
+        _init_dummy_weights(model, args.seed)
+    else:
+        weights = _with_progress(checkpoint.weights(dtype), checkpoint.num_tensors, "loading weights")
+        model.load_weights((name, tensor.to(dtype)) for name, tensor in weights)
     model.eval().requires_grad_(False)
-    tokenizer = checkpoint.tokenizer()
-    if args.chat_template is not None:
+    tokenizer = None if args.skip_tokenizer_init else checkpoint.tokenizer()
+    if args.chat_template is not None and tokenizer is not None:
         tokenizer.chat_template = _read_chat_template(args.chat_template)
     logger.info(
         "loaded %s (%s) from %s: %s, %s, %.1fM parameters, in %.2f s",
@@ -109,6 +111,18 @@ def load_model(args: EngineArgs) -> LoadedModel:
         time.perf_counter() - start,
     )
     return LoadedModel(config, model, tokenizer, checkpoint.eos_token_ids(tokenizer))
+
+
+@torch.no_grad()
+def _init_dummy_weights(model: nn.Module, seed: int) -> None:
+    """Random weights for speed measurements: N(0, 0.02), norms at 1 (throughput does not
+    depend on the values, but a sane scale keeps the numerics finite)."""
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if param.dim() == 1:
+            param.fill_(1.0 if "norm" in name else 0.0)
+        else:
+            param.normal_(0.0, 0.02, generator=generator)
 
 
 def _read_chat_template(value: str) -> str:

@@ -1,0 +1,1 @@
+"""Benchmarks: named workloads with a peer measured in the same run."""

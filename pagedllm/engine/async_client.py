@@ -1,0 +1,348 @@
+"""AsyncEngineClient: the server's handle on an engine core running in its own process.
+
+    server process (asyncio)                               engine core process
+    ───────────────────────────────────────                ───────────────────────
+    add_request: tokenize, resolve params ──AddRequests──►  drain inputs
+                 (InputProcessor)                            step() while work
+    output loop: detokenize, stop strings ◄──CoreOutputs──   send outputs + stats
+                 (OutputProcessor) -> RequestStream of each request
+
+Outputs are cumulative RequestOutputs, so a stream keeps only the latest one: a slow
+reader skips ahead and loses nothing. When the core process dies, every open stream
+fails with EngineDeadError and later requests are refused with it; nothing waits forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from typing import Protocol
+
+import zmq
+import zmq.asyncio
+
+from pagedllm.config import EngineArgs
+from pagedllm.engine.core import EngineInfo, EngineStats
+from pagedllm.engine.core_proc import run_engine_core
+from pagedllm.engine.input_processor import InputProcessor, Prompt
+from pagedllm.engine.messages import (
+    AbortRequests,
+    AddRequests,
+    CoreOutputs,
+    EngineDead,
+    EngineReady,
+    RequestFailed,
+    Shutdown,
+    decode,
+    encode,
+)
+from pagedllm.engine.output_processor import OutputProcessor
+from pagedllm.engine.request_timing import RequestTiming
+from pagedllm.outputs import RequestOutput
+from pagedllm.sampling_params import SamplingParams
+
+logger = logging.getLogger("pagedllm")
+
+_LIVENESS_POLL_MS = 500  # how often a quiet output loop checks that the core process lives
+
+
+class EngineDeadError(RuntimeError):
+    """The engine core process is gone; the server must be restarted."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine core refused one request."""
+
+
+class StatsObserver(Protocol):
+    """What the client reports (pagedllm.metrics.ServerMetrics implements it)."""
+
+    def record_stats(self, stats: EngineStats) -> None: ...
+
+    def record_tokens(self, num_prompt_tokens: int, num_generation_tokens: int) -> None: ...
+
+    def record_finished(self, timing: RequestTiming, finish_reason: str) -> None: ...
+
+
+class RequestStream:
+    """The outputs of one request, as an async iterator of (cumulative) RequestOutputs."""
+
+    def __init__(self, request_id: str, client: AsyncEngineClient, core_ids: list[str], timing: RequestTiming) -> None:
+        self.request_id = request_id
+        self.core_ids = core_ids
+        self.timing = timing
+        self.finished = False
+        self._client = client
+        self._latest: RequestOutput | None = None
+        self._error: Exception | None = None
+        self._ready = asyncio.Event()
+
+    def _put(self, output: RequestOutput) -> None:
+        self._latest = output
+        self._ready.set()
+
+    def _fail(self, error: Exception) -> None:
+        self._error = error
+        self._ready.set()
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        await self._ready.wait()
+        self._ready.clear()
+        if self._error is not None:
+            self.finished = True
+            raise self._error
+        assert self._latest is not None
+        self.finished = self._latest.finished
+        return self._latest
+
+    def text_to_send(self, index: int) -> str:
+        """The text of completion `index` a stream may send now (a possible start of a stop
+        string is held back until it is decided)."""
+        text = self._client.outputs.text_to_send(self.request_id, index)
+        return self._latest.outputs[index].text if text is None else text
+
+    def abort(self) -> None:
+        """Stop generating (idempotent; a no-op once finished)."""
+        self._client.abort(self.request_id)
+
+
+class AsyncEngineClient:
+    def __init__(self, process, ready: EngineReady, sockets: _Sockets, stats_observer: StatsObserver | None) -> None:
+        self.process = process
+        self.info: EngineInfo = ready.info
+        self.tokenizer = ready.tokenizer
+        self.inputs = InputProcessor(self.tokenizer, self.info)
+        self.outputs = OutputProcessor(self.tokenizer)
+        self.latest_stats: EngineStats | None = None
+        self._sockets = sockets
+        self._observer = stats_observer
+        self._streams: dict[str, RequestStream] = {}
+        self._parent_of: dict[str, str] = {}  # core request id -> request id
+        self._dead: EngineDeadError | None = None
+        self._output_task = asyncio.get_running_loop().create_task(self._output_loop(), name="engine-output-loop")
+
+    # -- life cycle ------------------------------------------------------------------------------
+
+    @classmethod
+    async def start(cls, args: EngineArgs, stats_observer: StatsObserver | None = None) -> AsyncEngineClient:
+        """Spawn the engine core process and wait until its model is loaded."""
+        sockets = _Sockets.bind()
+        process = multiprocessing.get_context("spawn").Process(
+            target=run_engine_core,
+            args=(args, sockets.input_address, sockets.output_address, os.getpid()),
+            name="pagedllm-engine-core",
+        )
+        process.start()
+        try:
+            ready = await _wait_ready(process, sockets.output)
+        except BaseException:
+            _stop_process(process, timeout=2.0)
+            sockets.close()
+            raise
+        logger.info("engine core process %d is ready", ready.pid)
+        return cls(process, ready, sockets, stats_observer)
+
+    @property
+    def dead_error(self) -> EngineDeadError | None:
+        """Why the engine is gone, or None while it runs."""
+        if self._dead is None and not self.process.is_alive():
+            self._die(EngineDeadError(_exit_message(self.process)))
+        return self._dead
+
+    async def shutdown(self, timeout: float = 5.0) -> None:
+        """End the core process (asking first, then terminating) and fail what is still open."""
+        self._output_task.cancel()
+        if self.process.is_alive():
+            try:
+                self._sockets.input.send(encode(Shutdown()), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            await asyncio.to_thread(_stop_process, self.process, timeout)
+        self._die(EngineDeadError("the server is shutting down"))
+        self._sockets.close()
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def add_request(
+        self, request_id: str, prompt: Prompt, params: SamplingParams, arrival_time: float | None = None
+    ) -> RequestStream:
+        """Tokenize, check and queue a request. Raises ValueError for a prompt or params
+        the engine cannot take (the message says what to change), EngineDeadError once the
+        engine is gone."""
+        if self.dead_error is not None:
+            raise self.dead_error
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, prompt_ids = self.inputs.tokenize(prompt)
+        params = self.inputs.resolve_params(params, len(prompt_ids))
+        requests = self.inputs.make_requests(request_id, prompt_ids, params)
+        core_ids = self.outputs.add_request(request_id, text, prompt_ids, params)
+        timing = RequestTiming(arrival_time if arrival_time is not None else time.monotonic(), len(prompt_ids))
+        stream = RequestStream(request_id, self, core_ids, timing)
+        self._streams[request_id] = stream
+        self._parent_of.update((core_id, request_id) for core_id in core_ids)
+        self._send(AddRequests(requests))
+        if self._observer is not None:
+            self._observer.record_tokens(len(prompt_ids), 0)
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return
+        self._forget(stream)
+        live_core_ids = self.outputs.abort(request_id)
+        if live_core_ids and self._dead is None:
+            self._send(AbortRequests(live_core_ids))
+        self._report_finished(stream, "abort")
+
+    def _send(self, message) -> None:
+        try:
+            self._sockets.input.send(encode(message), zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            raise EngineDeadError(f"cannot reach the engine core process: {e}") from e
+
+    # -- the output loop -------------------------------------------------------------------------
+
+    async def _output_loop(self) -> None:
+        try:
+            while True:
+                if not await self._sockets.output.poll(_LIVENESS_POLL_MS):
+                    if not self.process.is_alive():
+                        raise EngineDeadError(_exit_message(self.process))
+                    continue
+                message = decode(await self._sockets.output.recv())
+                if isinstance(message, CoreOutputs):
+                    self._handle_outputs(message)
+                elif isinstance(message, RequestFailed):
+                    self._handle_failed(message)
+                elif isinstance(message, EngineDead):
+                    raise EngineDeadError(f"the engine core failed: {message.message}")
+        except asyncio.CancelledError:
+            raise
+        except EngineDeadError as e:
+            logger.error("%s", e)
+            self._die(e)
+        except Exception as e:
+            logger.exception("the engine output loop failed")
+            self._die(EngineDeadError(f"the engine output loop failed: {type(e).__name__}: {e}"))
+
+    def _handle_outputs(self, message: CoreOutputs) -> None:
+        now = time.monotonic()
+        for core_id, scheduled in message.first_scheduled.items():
+            stream = self._streams.get(self._parent_of.get(core_id, ""))
+            if stream is not None and stream.timing.scheduled is None:
+                stream.timing.scheduled = scheduled
+        new_tokens: dict[str, int] = {}
+        for out in message.outputs:
+            parent = self._parent_of.get(out.request_id)
+            if parent is not None:
+                new_tokens[parent] = new_tokens.get(parent, 0) + len(out.new_token_ids)
+        changed, stopped = self.outputs.process(message.outputs)
+        if stopped:
+            self._send(AbortRequests(stopped))
+        for output in changed:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            longest = max(len(c.token_ids) for c in output.outputs)
+            stream.timing.record_tokens(now, new_tokens.get(output.request_id, 0), longest)
+            stream._put(output)
+            if output.finished:
+                self._forget(stream)
+                self._report_finished(stream, output.outputs[0].finish_reason or "stop")
+        self.latest_stats = message.stats
+        if self._observer is not None:
+            self._observer.record_tokens(0, sum(new_tokens.values()))
+            self._observer.record_stats(message.stats)
+
+    def _handle_failed(self, message: RequestFailed) -> None:
+        parent = self._parent_of.get(message.request_id)
+        stream = self._streams.get(parent) if parent is not None else None
+        if stream is not None:
+            self.abort(stream.request_id)
+            stream._fail(RequestFailedError(message.message))
+
+    def _forget(self, stream: RequestStream) -> None:
+        self._streams.pop(stream.request_id, None)
+        for core_id in stream.core_ids:
+            self._parent_of.pop(core_id, None)
+
+    def _report_finished(self, stream: RequestStream, reason: str) -> None:
+        stream.timing.finished = time.monotonic()
+        if self._observer is not None:
+            self._observer.record_finished(stream.timing, reason)
+
+    def _die(self, error: EngineDeadError) -> None:
+        if self._dead is None:
+            self._dead = error
+        streams, self._streams = list(self._streams.values()), {}
+        self._parent_of.clear()
+        for stream in streams:
+            stream._fail(self._dead)
+
+
+class _Sockets:
+    """The two zmq sockets, bound by the server on ipc:// paths in a private folder."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.input_address = f"ipc://{folder}/input"
+        self.output_address = f"ipc://{folder}/output"
+        self.sync_context = zmq.Context()
+        self.async_context = zmq.asyncio.Context()
+        self.input = self.sync_context.socket(zmq.PUSH)
+        self.input.setsockopt(zmq.SNDHWM, 0)  # sends never block the event loop
+        self.input.bind(self.input_address)
+        self.output = self.async_context.socket(zmq.PULL)
+        self.output.setsockopt(zmq.RCVHWM, 0)
+        self.output.bind(self.output_address)
+
+    @classmethod
+    def bind(cls) -> _Sockets:
+        return cls(tempfile.mkdtemp(prefix="pagedllm-"))
+
+    def close(self) -> None:
+        self.input.close(linger=0)
+        self.output.close(linger=0)
+        self.sync_context.term()
+        self.async_context.term()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+async def _wait_ready(process, output: zmq.asyncio.Socket) -> EngineReady:
+    while True:
+        if await output.poll(_LIVENESS_POLL_MS):
+            message = decode(await output.recv())
+            if isinstance(message, EngineReady):
+                return message
+            if isinstance(message, EngineDead):
+                raise RuntimeError(f"the engine failed to start: {message.message}")
+        elif not process.is_alive():
+            raise RuntimeError(f"the engine failed to start: {_exit_message(process)}; see its log above")
+
+
+def _stop_process(process, timeout: float) -> None:
+    """Wait for a process asked to stop; then terminate it; then kill it."""
+    process.join(timeout)
+    if process.is_alive():
+        logger.warning("engine core process %d did not stop in %.0f s: terminating it", process.pid, timeout)
+        process.terminate()
+        process.join(2.0)
+    if process.is_alive():
+        process.kill()
+        process.join(2.0)
+
+
+def _exit_message(process) -> str:
+    return f"the engine core process (pid {process.pid}) exited with code {process.exitcode}"

@@ -1,0 +1,87 @@
+"""The typed messages between the server process (front end) and the engine core process.
+
+    front end ──AddRequests / AbortRequests / Shutdown──► core      (zmq PUSH -> PULL)
+    front end ◄──EngineReady / CoreOutputs / RequestFailed / EngineDead── core
+
+Both sockets are bound by the front end on ipc:// paths in a private temporary folder and
+carry pickled dataclasses: the peers are two processes of one program on one machine.
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+from typing import Any
+
+from pagedllm.core.interface import EngineCoreOutput
+from pagedllm.core.request import Request
+from pagedllm.engine.core import EngineInfo, EngineStats
+
+
+# -- front end -> core ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AddRequests:
+    requests: list[Request]  # tokenized, params resolved; n > 1 already fanned out
+
+
+@dataclass(frozen=True)
+class AbortRequests:
+    request_ids: list[str]  # core request ids; unknown ids are ignored
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+ToCore = AddRequests | AbortRequests | Shutdown
+
+
+# -- core -> front end ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineReady:
+    """Sent once the model is loaded and the KV cache allocated."""
+
+    info: EngineInfo
+    tokenizer: Any  # the engine's own tokenizer (chat template override applied), pickled
+    pid: int
+
+
+@dataclass(frozen=True)
+class CoreOutputs:
+    """What one step produced, with the engine's state after it (also sent, with no outputs,
+    after aborts so that metrics see freed blocks at once)."""
+
+    outputs: list[EngineCoreOutput]
+    stats: EngineStats
+    first_scheduled: dict[str, float] = field(default_factory=dict)  # core request id -> time.monotonic()
+
+
+@dataclass(frozen=True)
+class RequestFailed:
+    """The core refused a request (the front end checks first, so this is rare)."""
+
+    request_id: str  # core request id
+    message: str
+
+
+@dataclass(frozen=True)
+class EngineDead:
+    """The core hit an error it cannot recover from; the process exits after sending this."""
+
+    message: str
+
+
+FromCore = EngineReady | CoreOutputs | RequestFailed | EngineDead
+
+
+def encode(message: ToCore | FromCore) -> bytes:
+    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def decode(data: bytes) -> ToCore | FromCore:
+    return pickle.loads(data)
