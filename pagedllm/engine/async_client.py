@@ -124,8 +124,8 @@ class AsyncEngineClient:
         self.inputs = InputProcessor(self.tokenizer, self.info)
         self.outputs = OutputProcessor(self.tokenizer)
         self.latest_stats: EngineStats | None = None
+        self.stats_observer = stats_observer  # may be set later, once info names the model
         self._sockets = sockets
-        self._observer = stats_observer
         self._streams: dict[str, RequestStream] = {}
         self._parent_of: dict[str, str] = {}  # core request id -> request id
         self._dead: EngineDeadError | None = None
@@ -192,8 +192,8 @@ class AsyncEngineClient:
         self._streams[request_id] = stream
         self._parent_of.update((core_id, request_id) for core_id in core_ids)
         self._send(AddRequests(requests))
-        if self._observer is not None:
-            self._observer.record_tokens(len(prompt_ids), 0)
+        if self.stats_observer is not None:
+            self.stats_observer.record_tokens(len(prompt_ids), 0)
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -262,9 +262,9 @@ class AsyncEngineClient:
                 self._forget(stream)
                 self._report_finished(stream, output.outputs[0].finish_reason or "stop")
         self.latest_stats = message.stats
-        if self._observer is not None:
-            self._observer.record_tokens(0, sum(new_tokens.values()))
-            self._observer.record_stats(message.stats)
+        if self.stats_observer is not None:
+            self.stats_observer.record_tokens(0, sum(new_tokens.values()))
+            self.stats_observer.record_stats(message.stats)
 
     def _handle_failed(self, message: RequestFailed) -> None:
         parent = self._parent_of.get(message.request_id)
@@ -280,8 +280,8 @@ class AsyncEngineClient:
 
     def _report_finished(self, stream: RequestStream, reason: str) -> None:
         stream.timing.finished = time.monotonic()
-        if self._observer is not None:
-            self._observer.record_finished(stream.timing, reason)
+        if self.stats_observer is not None:
+            self.stats_observer.record_finished(stream.timing, reason)
 
     def _die(self, error: EngineDeadError) -> None:
         if self._dead is None:
