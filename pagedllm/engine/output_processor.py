@@ -146,12 +146,3 @@ class OutputProcessor:
             return None
         seq = next(s for s in state.sequences.values() if s.index == index)
         return seq.detokenizer.text_to_send(seq.output.finish_reason is not None)
-
-    def text_to_send(self, request_id: str, index: int) -> str | None:
-        """What a stream may send of completion `index` now: the detokenizer holds back a
-        possible start of a stop string. None once the request is done here (send all)."""
-        state = self.requests.get(request_id)
-        if state is None:
-            return None
-        seq = next(s for s in state.sequences.values() if s.index == index)
-        return seq.detokenizer.text_to_send(seq.output.finish_reason is not None)
