@@ -166,10 +166,11 @@ def _nbytes(ggml_type: int, shape: tuple[int, ...], name: str) -> int:
 
 _F32, _F16, _Q4_0, _Q4_1, _Q8_0, _BF16 = 0, 1, 2, 3, 8, 30
 _FLOAT_TYPES = {_F32: torch.float32, _F16: torch.float16, _BF16: torch.bfloat16}
-# Blocks dequantized per step: 512k values, 2 MiB of float32. Every step writes into memory that
-# is already there (the output, or one float32 scratch for other dtypes): fresh pages are the
-# dominant cost of a naive version, which allocates four temporaries the size of each tensor.
-_CHUNK_BLOCKS = 16384
+# Blocks dequantized per step: 2M values, 8 MiB of float32. Every step writes into memory that is
+# already there (the output, or one float32 scratch for other dtypes): fresh pages are the dominant
+# cost of a naive version, which allocates four temporaries the size of each tensor. Fewer, larger
+# steps also mean fewer thread-pool barriers, which cost most when other processes share the cores.
+_CHUNK_BLOCKS = 65536
 
 # Each dequantizer writes a (num_blocks, 32) float32 `values` from (num_blocks, block_bytes) bytes,
 # with the same float32 arithmetic in the same order as gguf.quants.dequantize: identical results.
