@@ -184,7 +184,7 @@ def test_weights_stream_one_shard_at_a_time(tokenizer_dir, vocab, tmp_path, monk
     has been handed over, so memory holds the model plus one tensor, never two copies."""
     import json
 
-    import safetensors
+    import pagedllm.loader.checkpoint as checkpoint_module
 
     config = CASES["llama"][0](vocab)
     folder = build_checkpoint(config, str(tmp_path / "sharded"), tokenizer_dir, max_shard_size="1MB")
@@ -193,16 +193,15 @@ def test_weights_stream_one_shard_at_a_time(tokenizer_dir, vocab, tmp_path, monk
     shards = sorted(set(shard_of.values()))
     assert len(shards) > 1
     events: list[str] = []
-    real_open = safetensors.safe_open
+    real_read = checkpoint_module.read_safetensors
 
-    def recording_open(path, *args, **kwargs):
+    def recording_read(path):
         events.append(f"open {os.path.basename(path)}")
-        return real_open(path, *args, **kwargs)
+        yield from real_read(path)
 
-    monkeypatch.setattr(safetensors, "safe_open", recording_open)
+    monkeypatch.setattr(checkpoint_module, "read_safetensors", recording_read)
     checkpoint = open_checkpoint(EngineArgs(model=folder))
     assert checkpoint.num_tensors == len(shard_of)  # the progress bar's total
-    events.clear()
     for name, _ in checkpoint.weights(torch.float32):
         events.append(f"tensor of {shard_of[name]}")
     expected = []
@@ -227,3 +226,25 @@ def test_offline_inference_example_runs_on_opt(checkpoints):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("Prompt: ") == 4
+
+
+def test_safetensors_reader_matches_the_library(tmp_path):
+    from pagedllm.loader.checkpoint import read_safetensors
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "bf16": torch.randn(3, 5, generator=gen).to(torch.bfloat16),
+        "f16": torch.randn(7, generator=gen).to(torch.float16),
+        "f32": torch.randn(2, 3, 4, generator=gen),
+        "scalar": torch.tensor(1.5),
+        "empty": torch.zeros(0, 4),
+        "i64": torch.arange(10),
+        "bool": torch.tensor([True, False, True]),
+    }
+    path = str(tmp_path / "t.safetensors")
+    save_file(tensors, path, metadata={"format": "pt"})
+    ours = dict(read_safetensors(path))
+    expected = load_file(path)
+    assert ours.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert ours[name].dtype == tensor.dtype and torch.equal(ours[name], tensor), name

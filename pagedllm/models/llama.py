@@ -15,7 +15,7 @@ from pagedllm.attention import AttentionMetadata
 from pagedllm.layers.activation import SiluAndMul
 from pagedllm.layers.attention import PagedAttention
 from pagedllm.layers.norm import RMSNorm
-from pagedllm.layers.rotary import RotaryEmbedding, rope_parameters
+from pagedllm.layers.rotary import get_rotary_embedding, rope_parameters
 from pagedllm.models.weights import load_stacked_weights, merged_linear
 
 STACKED = [
@@ -41,7 +41,7 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = merged_linear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=qkv_bias or bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=bias)
         theta, scaling = rope_parameters(config)
-        self.rotary = RotaryEmbedding(self.head_dim, config.max_position_embeddings, theta, scaling)
+        self.rotary = get_rotary_embedding(self.head_dim, config.max_position_embeddings, theta, scaling)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
