@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-import os
+
+from pagedllm import envs
 
 _configured = False
 
@@ -18,5 +19,5 @@ def init_logging() -> None:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
-    logger.setLevel(os.environ.get("PAGEDLLM_LOG_LEVEL", "INFO").upper())
+    logger.setLevel(envs.PAGEDLLM_LOG_LEVEL)
     logger.propagate = False

@@ -22,11 +22,18 @@ def write_kv_cache(
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
 
 
+def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """cache[block_tables]: [*tables.shape, block_size, num_kv_heads, head_dim].
+    (index_select: advanced indexing on CPU is a thousand times slower here.)"""
+    picked = cache.index_select(0, block_tables.reshape(-1).long())
+    return picked.view(*block_tables.shape, *cache.shape[1:])
+
+
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
     """The first `length` tokens of one sequence: [length, num_kv_heads, head_dim]."""
     block_size = cache.shape[1]
     num_blocks = (length + block_size - 1) // block_size
-    return cache[block_table[:num_blocks]].flatten(0, 1)[:length]
+    return gather_blocks(cache, block_table[:num_blocks]).flatten(0, 1)[:length]
 
 
 class TorchAttentionBackend:
@@ -70,8 +77,8 @@ class TorchAttentionBackend:
         max_blocks = (max_len + block_size - 1) // block_size
         tables = meta.block_tables[:nd, :max_blocks]
         # (B, blocks, bs, Hkv, D) -> (B, Hkv, L, D)
-        k = k_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
-        v = v_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
+        k = gather_blocks(k_cache, tables).flatten(1, 2)[:, :max_len].transpose(1, 2)
+        v = gather_blocks(v_cache, tables).flatten(1, 2)[:, :max_len].transpose(1, 2)
         mask = torch.arange(max_len, device=query.device)[None, :] < seq_lens[:, None]  # (B, L)
         q = query.unsqueeze(2)  # (B, H, 1, D)
         o = F.scaled_dot_product_attention(

@@ -44,15 +44,16 @@ class EngineCore:
     def __init__(self, args: EngineArgs) -> None:
         loaded = load_model(args)
         self.tokenizer = loaded.tokenizer
-        self.runner = ModelRunner(loaded, args)
-        cache = CacheConfig(args.block_size, self.runner.num_blocks, args.enable_prefix_caching)
-        max_model_len = _fit_max_model_len(loaded.config.max_model_len, cache, args)
         device = args.resolved_device
         default_budget = 8192 if device.startswith("cuda") else 2048
+        max_num_batched_tokens = args.max_num_batched_tokens or max(default_budget, args.max_num_seqs)
+        self.runner = ModelRunner(loaded, args, max_num_batched_tokens)
+        cache = CacheConfig(args.block_size, self.runner.num_blocks, args.enable_prefix_caching)
+        max_model_len = _fit_max_model_len(loaded.config.max_model_len, cache, args)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=args.max_num_seqs,
-                max_num_batched_tokens=args.max_num_batched_tokens or max(default_budget, args.max_num_seqs),
+                max_num_batched_tokens=max_num_batched_tokens,
                 max_model_len=max_model_len,
             ),
             KVCacheManager(cache.num_blocks, cache.block_size, cache.enable_prefix_caching),

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from tqdm import tqdm
 
+from pagedllm import envs
 from pagedllm.config import EngineArgs
 from pagedllm.engine.input_processor import Prompt
 from pagedllm.engine.llm_engine import LLMEngine
@@ -74,7 +74,7 @@ class LLM:
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
-        show = use_tqdm and os.environ.get("PAGEDLLM_NO_PROGRESS") != "1"
+        show = use_tqdm and not envs.PAGEDLLM_NO_PROGRESS
         bar = tqdm(total=len(request_ids), desc="generating", unit="req", disable=not show, dynamic_ncols=True)
         start, num_generated = time.perf_counter(), 0
         try:

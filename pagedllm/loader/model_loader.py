@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from pagedllm import envs
 from pagedllm.config import DTYPES, EngineArgs, ModelConfig
 from pagedllm.loader.checkpoint import Checkpoint, open_checkpoint
 from pagedllm.models import get_model_class
@@ -68,7 +69,7 @@ def _no_init(device: str, dtype: torch.dtype):
 
 
 def _with_progress(weights: Iterator[tuple[str, torch.Tensor]], total: int, desc: str):
-    disable = os.environ.get("PAGEDLLM_NO_PROGRESS") == "1" or None
+    disable = envs.PAGEDLLM_NO_PROGRESS or None
     yield from tqdm(weights, total=total, desc=desc, unit="tensor", leave=False, disable=disable)
 
 

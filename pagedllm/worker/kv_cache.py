@@ -18,27 +18,27 @@ def bytes_per_block(config: ModelConfig, block_size: int) -> int:
     return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * element
 
 
-def num_blocks_for(config: ModelConfig, args: EngineArgs) -> int:
+def num_blocks_for(config: ModelConfig, args: EngineArgs, activation_bytes: int) -> int:
+    """CPU: the kv_cache_memory budget. GPU: gpu_memory_utilization of the card, less
+    what is in use (weights, CUDA context, other processes) and the activation peak
+    of the largest step."""
     per_block = bytes_per_block(config, args.block_size)
     if config.device == "cpu":
         budget = args.kv_cache_memory_bytes
     else:
         free, total = torch.cuda.mem_get_info(torch.device(config.device))
-        used = total - free
-        budget = int(total * args.gpu_memory_utilization) - used
+        budget = int(total * args.gpu_memory_utilization) - (total - free) - activation_bytes
     return max(budget // per_block, 0)
 
 
-def allocate_kv_cache(config: ModelConfig, args: EngineArgs) -> tuple[KVCaches, int]:
+def allocate_kv_cache(config: ModelConfig, block_size: int, num_blocks: int) -> KVCaches:
     """Per layer, K and V of shape [num_blocks, block_size, num_kv_heads, head_dim]."""
-    num_blocks = num_blocks_for(config, args)
     if num_blocks == 0:
         raise RuntimeError(
             "no memory left for the KV cache: raise kv_cache_memory (CPU) or gpu_memory_utilization (GPU)"
         )
-    shape = (num_blocks, args.block_size, config.num_kv_heads, config.head_dim)
-    caches = [
+    shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+    return [
         (torch.zeros(shape, dtype=config.dtype, device=config.device), torch.zeros(shape, dtype=config.dtype, device=config.device))
         for _ in range(config.num_layers)
     ]
-    return caches, num_blocks

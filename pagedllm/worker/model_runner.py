@@ -20,7 +20,8 @@ from pagedllm.core.interface import ModelRunnerOutput, SchedulerOutput, Schedule
 from pagedllm.layers.attention import bind_kv_cache
 from pagedllm.layers.sampler import Sampler, token_logprobs
 from pagedllm.loader.model_loader import LoadedModel
-from pagedllm.worker.kv_cache import allocate_kv_cache
+from pagedllm.worker.cuda_graphs import DecodeGraphs
+from pagedllm.worker.kv_cache import allocate_kv_cache, num_blocks_for
 from pagedllm.worker.request_state import RunnerRequestState
 from pagedllm.worker.sampling_batch import build_sampling_batch
 
@@ -38,17 +39,52 @@ class StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, args: EngineArgs) -> None:
+    def __init__(self, loaded: LoadedModel, args: EngineArgs, max_num_batched_tokens: int) -> None:
         self.model = loaded.model
         self.config = loaded.config
         self.device = loaded.config.device
         self.block_size = args.block_size
         backend_name = args.attention_backend or ("triton" if self.device.startswith("cuda") else "torch")
         self.backend = get_attention_backend(backend_name)
-        self.kv_caches, self.num_blocks = allocate_kv_cache(self.config, args)
-        bind_kv_cache(self.model, self.kv_caches, self.backend)
         self.sampler = Sampler(self.device)
         self.requests: dict[str, RunnerRequestState] = {}
+        activation_bytes = 0
+        if self.device.startswith("cuda"):
+            activation_bytes = self._profile_run(min(max_num_batched_tokens, self.config.max_model_len), args.max_num_seqs)
+        self.num_blocks = num_blocks_for(self.config, args, activation_bytes)
+        self.kv_caches = allocate_kv_cache(self.config, self.block_size, self.num_blocks)
+        bind_kv_cache(self.model, self.kv_caches, self.backend)
+        self.graphs = None
+        if self.device.startswith("cuda") and not args.enforce_eager:
+            self.graphs = DecodeGraphs(self.model, args.max_num_seqs, self.config.max_model_len, self.block_size, self.device)
+            self.graphs.capture()
+
+    @torch.inference_mode()
+    def _profile_run(self, num_tokens: int, num_seqs: int) -> int:
+        """Peak bytes of a forward at the largest step (weights excluded), measured on a
+        temporary cache just big enough for it."""
+        num_blocks = -(-num_tokens // self.block_size)
+        caches = allocate_kv_cache(self.config, self.block_size, num_blocks)
+        bind_kv_cache(self.model, caches, self.backend)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        to = lambda values: torch.tensor(values, device=self.device)  # noqa: E731
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(num_tokens, device=self.device),
+            query_start_loc=to([0, num_tokens]).int(),
+            seq_lens=to([num_tokens]).int(),
+            block_tables=torch.arange(num_blocks, device=self.device, dtype=torch.int32)[None],
+            num_decodes=0, num_decode_tokens=0, max_query_len=num_tokens, max_seq_len=num_tokens,
+            query_start_loc_cpu=[0, num_tokens], seq_lens_cpu=[num_tokens],
+        )
+        hidden = self.model(torch.zeros(num_tokens, dtype=torch.long, device=self.device), torch.arange(num_tokens, device=self.device), meta)
+        self.model.compute_logits(hidden[:num_seqs]).float().softmax(-1)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        del caches, hidden
+        torch.cuda.empty_cache()
+        return peak
 
     # -- one step -----------------------------------------------------------------------------
 
@@ -56,7 +92,10 @@ class ModelRunner:
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
         self._update_states(so)
         inputs = self._prepare(so.scheduled)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
+        if self.graphs is not None and self.graphs.can_run(inputs.meta):
+            hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
         logits = self.model.compute_logits(hidden[inputs.logits_indices]).float()
         return self._sample(logits, inputs)
 
