@@ -202,6 +202,7 @@ class AsyncEngineClient:
             return
         self._forget(stream)
         live_core_ids = self.outputs.abort(request_id)
+        logger.debug("aborting request %s (core ids %s)", request_id, live_core_ids)
         if live_core_ids and self._dead is None:
             self._send(AbortRequests(live_core_ids))
         self._report_finished(stream, "abort")

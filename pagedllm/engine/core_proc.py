@@ -97,6 +97,7 @@ class EngineCoreProc:
                 continue
             step_start = time.monotonic()
             outputs = self.core.step()
+            logger.debug("engine core: step of %.3f s, %d outputs", time.monotonic() - step_start, len(outputs))
             self._send(CoreOutputs(outputs, self.core.stats(), self._newly_scheduled(step_start)))
 
     def _drain_inputs(self, timeout_ms: int) -> bool:
@@ -119,6 +120,7 @@ class EngineCoreProc:
                     continue
                 self.not_yet_scheduled[request.request_id] = request
         elif isinstance(message, AbortRequests):
+            logger.debug("engine core: aborting %s", message.request_ids)
             self.core.abort(message.request_ids)
             for request_id in message.request_ids:
                 self.not_yet_scheduled.pop(request_id, None)

@@ -1,0 +1,216 @@
+"""The OpenAI-compatible HTTP server (FastAPI + uvicorn) in front of an engine core process.
+
+    pagedllm serve [MODEL] [options]
+    python -m pagedllm.entrypoints.openai.api_server --model MODEL [options]
+
+The port is bound before the model loads (so a taken port fails at once); the engine
+starts in the app's lifespan and stops with it, on SIGINT / SIGTERM too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import secrets
+import socket
+import sys
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+import pagedllm
+from pagedllm.config import EngineArgs
+from pagedllm.engine.async_client import AsyncEngineClient
+from pagedllm.entrypoints.cli_args import add_engine_args, add_server_args, engine_args_from
+from pagedllm.entrypoints.openai.errors import AuthenticationError, BadRequestError, EngineUnavailableError, install_error_handlers
+from pagedllm.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from pagedllm.entrypoints.openai.serving_chat import ChatHandler, render_chat
+from pagedllm.entrypoints.openai.serving_common import check_model
+from pagedllm.entrypoints.openai.serving_completion import CompletionHandler
+from pagedllm.entrypoints.openai.sse import ClientDisconnected
+from pagedllm.logger import init_logging
+from pagedllm.metrics import ServerMetrics
+
+logger = logging.getLogger("pagedllm")
+
+OPEN_PATHS = frozenset({"/health", "/version", "/metrics", "/ping"})  # no API key needed
+GRACEFUL_SHUTDOWN_S = 3  # open streams get this long after SIGTERM before they are cut
+
+
+class APIKeyMiddleware:
+    """401 unless `Authorization: Bearer <key>`; health, version and metrics stay open."""
+
+    def __init__(self, app, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                message = "missing API key: send 'Authorization: Bearer <key>'" if not given else "wrong API key"
+                await AuthenticationError(message).response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def build_app(engine_args: EngineArgs, api_key: str | None = None) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        client = await AsyncEngineClient.start(engine_args)
+        app.state.metrics = client.stats_observer = ServerMetrics(client.info.model_name)
+        app.state.client = client
+        app.state.completions = CompletionHandler(client, client.info.model_name)
+        app.state.chat = ChatHandler(client, client.info.model_name)
+        logger.info("serving %r (OpenAI API under /v1, metrics at /metrics)", client.info.model_name)
+        try:
+            yield
+        finally:
+            await client.shutdown()
+            logger.info("engine stopped")
+
+    app = FastAPI(title="pagedllm", version=pagedllm.__version__, lifespan=lifespan)
+    install_error_handlers(app)
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    _add_routes(app)
+    return app
+
+
+def _client(request: Request) -> AsyncEngineClient:
+    client: AsyncEngineClient = request.app.state.client
+    if client.dead_error is not None:
+        raise EngineUnavailableError(f"{client.dead_error}: restart the server")
+    return client
+
+
+def _add_routes(app: FastAPI) -> None:
+    @app.get("/health")
+    async def health(request: Request) -> Response:
+        _client(request)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/ping")
+    async def ping(request: Request) -> Response:
+        return await health(request)
+
+    @app.get("/version")
+    async def version() -> Response:
+        return JSONResponse({"version": pagedllm.__version__})
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        m: ServerMetrics = request.app.state.metrics
+        return Response(m.render(), media_type=m.content_type)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        info = request.app.state.client.info
+        return JSONResponse(ModelList(data=[ModelCard(id=info.model_name, max_model_len=info.max_model_len)]).model_dump())
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        _client(request)
+        try:
+            return await request.app.state.completions.create(body, request)
+        except ClientDisconnected:
+            return Response(status_code=499)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request) -> Response:
+        _client(request)
+        try:
+            return await request.app.state.chat.create(body, request)
+        except ClientDisconnected:
+            return Response(status_code=499)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest, request: Request) -> Response:
+        client = _client(request)
+        check_model(body.model, client.info.model_name)
+        if client.tokenizer is None:
+            raise BadRequestError("the engine runs without a tokenizer (skip_tokenizer_init)")
+        if (body.prompt is None) == (body.messages is None):
+            raise BadRequestError("give either prompt or messages", param="prompt")
+        if body.messages is not None:
+            ids = render_chat(client.tokenizer, body.messages, body.add_generation_prompt)
+        else:
+            ids = client.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        strs = client.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+        return JSONResponse(TokenizeResponse(count=len(ids), max_model_len=client.info.max_model_len, tokens=ids, token_strs=strs).model_dump())
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest, request: Request) -> Response:
+        client = _client(request)
+        check_model(body.model, client.info.model_name)
+        if client.tokenizer is None:
+            raise BadRequestError("the engine runs without a tokenizer (skip_tokenizer_init)")
+        vocab = len(client.tokenizer)
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise BadRequestError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", param="tokens")
+        return JSONResponse(DetokenizeResponse(prompt=client.tokenizer.decode(body.tokens)).model_dump())
+
+
+# -- running it ---------------------------------------------------------------------------------
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise SystemExit(f"cannot listen on {host}:{port} ({e.strerror}): stop what uses the port or pass --port") from e
+    sock.set_inheritable(False)
+    return sock
+
+
+def run_server(args: argparse.Namespace) -> None:
+    init_logging()
+    engine_args = engine_args_from(args)
+    sock = bind_socket(args.host, args.port)
+    url_host = f"[{args.host}]" if ":" in args.host else args.host
+    logger.info("pagedllm %s: loading the model, then serving at http://%s:%d", pagedllm.__version__, url_host, args.port)
+    app = build_app(engine_args, api_key=args.api_key)
+    config = uvicorn.Config(
+        app,
+        log_level=args.log_level,
+        access_log=args.access_log,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        timeout_keep_alive=5,
+    )
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+    if not server.started:
+        sys.exit(1)  # the engine failed to start: its error is logged above
+
+
+def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="OpenAI-compatible server for pagedllm", formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_engine_args(parser)
+    add_server_args(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_server(make_parser("python -m pagedllm.entrypoints.openai.api_server").parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
