@@ -55,6 +55,10 @@ class EngineDeadError(RuntimeError):
     """The engine core process is gone; the server must be restarted."""
 
 
+class EngineStartError(RuntimeError):
+    """The engine core process could not load the model (the message says why)."""
+
+
 class RequestFailedError(RuntimeError):
     """The engine core refused one request."""
 
@@ -328,9 +332,9 @@ async def _wait_ready(process, output: zmq.asyncio.Socket) -> EngineReady:
             if isinstance(message, EngineReady):
                 return message
             if isinstance(message, EngineDead):
-                raise RuntimeError(f"the engine failed to start: {message.message}")
+                raise EngineStartError(f"the engine failed to start: {message.message}")
         elif not process.is_alive():
-            raise RuntimeError(f"the engine failed to start: {_exit_message(process)}; see its log above")
+            raise EngineStartError(f"the engine failed to start: {_exit_message(process)}; see its log above")
 
 
 def _stop_process(process, timeout: float) -> None:

@@ -57,20 +57,34 @@ def run_engine_core(args: EngineArgs, input_address: str, output_address: str, p
     outputs.setsockopt(zmq.SNDHWM, 0)  # never block a step on a slow reader
     outputs.setsockopt(zmq.LINGER, 2000)  # let a last EngineDead reach the server
     outputs.connect(output_address)
-    exit_code = 0
     try:
-        core = EngineCore(args)
-        outputs.send(encode(EngineReady(core.info, core.tokenizer, os.getpid())))
-        EngineCoreProc(core, inputs, outputs, parent_pid).run()
-    except Exception as e:
-        logger.error("engine core failed:\n%s", traceback.format_exc())
-        outputs.send(encode(EngineDead(f"{type(e).__name__}: {e}")))
-        exit_code = 1
+        exit_code = _run(args, inputs, outputs, parent_pid)
     finally:
         inputs.close(linger=0)
         outputs.close()
         context.term()
     sys.exit(exit_code)
+
+
+def _run(args: EngineArgs, inputs: zmq.Socket, outputs: zmq.Socket, parent_pid: int) -> int:
+    """Load, report ready, loop; any failure is reported as EngineDead. Returns the exit code."""
+    try:
+        core = EngineCore(args)
+    except (ValueError, OSError) as e:  # a bad option or model: the message says what to do
+        outputs.send(encode(EngineDead(str(e))))
+        return 1
+    except Exception as e:
+        logger.error("engine core failed to start:\n%s", traceback.format_exc())
+        outputs.send(encode(EngineDead(f"{type(e).__name__}: {e}")))
+        return 1
+    outputs.send(encode(EngineReady(core.info, core.tokenizer, os.getpid())))
+    try:
+        EngineCoreProc(core, inputs, outputs, parent_pid).run()
+    except Exception as e:
+        logger.error("engine core failed:\n%s", traceback.format_exc())
+        outputs.send(encode(EngineDead(f"{type(e).__name__}: {e}")))
+        return 1
+    return 0
 
 
 class EngineCoreProc:

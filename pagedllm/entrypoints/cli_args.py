@@ -90,7 +90,10 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
     values = {f.name: getattr(args, f.name) for f in fields(EngineArgs) if hasattr(args, f.name)}
     if getattr(args, "model_option", None):
         values["model"] = args.model_option
-    return EngineArgs(**values)
+    try:
+        return EngineArgs(**values)
+    except ValueError as e:  # an option out of range: say which, without a traceback
+        raise SystemExit(f"error: {e}") from e
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:

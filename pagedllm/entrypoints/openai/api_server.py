@@ -3,14 +3,14 @@
     pagedllm serve [MODEL] [options]
     python -m pagedllm.entrypoints.openai.api_server --model MODEL [options]
 
-The port is bound before the model loads (so a taken port fails at once); the engine
-starts in the app's lifespan and stops with it, on SIGINT / SIGTERM too.
+The port is bound before the model loads (so a taken port fails at once), the engine
+process starts next, then uvicorn serves until SIGINT / SIGTERM, and the engine stops.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import asyncio
 import logging
 import secrets
 import socket
@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 
 import pagedllm
 from pagedllm.config import EngineArgs
-from pagedllm.engine.async_client import AsyncEngineClient
+from pagedllm.engine.async_client import AsyncEngineClient, EngineStartError
 from pagedllm.entrypoints.cli_args import add_engine_args, add_server_args, engine_args_from
 from pagedllm.entrypoints.openai.errors import AuthenticationError, BadRequestError, EngineUnavailableError, install_error_handlers
 from pagedllm.entrypoints.openai.protocol import (
@@ -65,22 +65,13 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-def build_app(engine_args: EngineArgs, api_key: str | None = None) -> FastAPI:
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI):
-        client = await AsyncEngineClient.start(engine_args)
-        app.state.metrics = client.stats_observer = ServerMetrics(client.info.model_name)
-        app.state.client = client
-        app.state.completions = CompletionHandler(client, client.info.model_name)
-        app.state.chat = ChatHandler(client, client.info.model_name)
-        logger.info("serving %r (OpenAI API under /v1, metrics at /metrics)", client.info.model_name)
-        try:
-            yield
-        finally:
-            await client.shutdown()
-            logger.info("engine stopped")
-
-    app = FastAPI(title="pagedllm", version=pagedllm.__version__, lifespan=lifespan)
+def build_app(client: AsyncEngineClient, api_key: str | None = None) -> FastAPI:
+    """The app around a started engine client (the caller owns the client's life)."""
+    app = FastAPI(title="pagedllm", version=pagedllm.__version__)
+    app.state.client = client
+    app.state.metrics = client.stats_observer = ServerMetrics(client.info.model_name)
+    app.state.completions = CompletionHandler(client, client.info.model_name)
+    app.state.chat = ChatHandler(client, client.info.model_name)
     install_error_handlers(app)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
@@ -180,23 +171,40 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def run_server(args: argparse.Namespace) -> None:
+    """Bind the port, start the engine, serve until SIGINT / SIGTERM, stop the engine."""
     init_logging()
     engine_args = engine_args_from(args)
     sock = bind_socket(args.host, args.port)
-    url_host = f"[{args.host}]" if ":" in args.host else args.host
-    logger.info("pagedllm %s: loading the model, then serving at http://%s:%d", pagedllm.__version__, url_host, args.port)
-    app = build_app(engine_args, api_key=args.api_key)
-    config = uvicorn.Config(
-        app,
-        log_level=args.log_level,
-        access_log=args.access_log,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-        timeout_keep_alive=5,
-    )
-    server = uvicorn.Server(config)
-    server.run(sockets=[sock])
-    if not server.started:
-        sys.exit(1)  # the engine failed to start: its error is logged above
+    try:
+        asyncio.run(_serve(args, engine_args, sock))
+    except EngineStartError as e:
+        logger.error("%s", e)
+        sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C while the model loads
+        sys.exit(130)
+    finally:
+        sock.close()
+
+
+async def _serve(args: argparse.Namespace, engine_args: EngineArgs, sock: socket.socket) -> None:
+    client = await AsyncEngineClient.start(engine_args)
+    try:
+        app = build_app(client, api_key=args.api_key)
+        config = uvicorn.Config(
+            app,
+            log_level=args.log_level,
+            access_log=args.access_log,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        )
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        logger.info(
+            "serving %r at http://%s:%d (OpenAI API under /v1; /health, /metrics; API key %s)",
+            client.info.model_name, host, args.port, "required" if args.api_key else "not required",
+        )
+        await uvicorn.Server(config).serve(sockets=[sock])
+    finally:
+        await client.shutdown()
+        logger.info("engine stopped")
 
 
 def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
