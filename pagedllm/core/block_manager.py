@@ -108,8 +108,9 @@ class KVCacheManager:
     def usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
-    def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self.block_tables.get(request_id, ())]
+    def block_ids(self, request_id: str, start: int = 0) -> list[int]:
+        """The request's block ids from table position `start` on."""
+        return [b.block_id for b in self.block_tables.get(request_id, ())[start:]]
 
     def find_cached_prefix(self, request: Request) -> list[Block]:
         """The longest run of cached full blocks at the start of the request's tokens.

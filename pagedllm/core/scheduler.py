@@ -76,7 +76,7 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                new_block_ids = self.kv.block_ids(request.request_id)[num_blocks_before:]
+                new_block_ids = self.kv.block_ids(request.request_id, num_blocks_before)
                 scheduled.append(ScheduledRequest(request.request_id, request.num_computed_tokens, num_new, new_block_ids))
                 budget -= num_new
                 i += 1

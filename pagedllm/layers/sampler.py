@@ -21,7 +21,7 @@ from pagedllm.core.interface import TokenLogprobs
 class SamplingBatch:
     """Per-row sampling settings of the rows that sample this step."""
 
-    temperature: torch.Tensor  # [B] float32; 0 = greedy
+    temperature: torch.Tensor | None  # [B] float32, 0 = greedy; None when all rows are greedy
     all_greedy: bool
     top_k: torch.Tensor | None  # [B] int64, vocab size where off
     top_p: torch.Tensor | None  # [B] float32

@@ -8,6 +8,7 @@ the sampled tokens (and logprobs, when asked for) back.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -105,64 +106,71 @@ class ModelRunner:
         for new in so.new_requests:
             self.requests[new.request_id] = RunnerRequestState.from_new(new)
         for s in so.scheduled:
-            self.requests[s.request_id].block_ids.extend(s.new_block_ids)
+            if s.new_block_ids:
+                self.requests[s.request_id].add_blocks(s.new_block_ids)
 
     def _prepare(self, scheduled: list[ScheduledRequest]) -> StepInputs:
         # Decodes first (stable, so admission order is kept within each group).
         order = sorted(scheduled, key=lambda s: s.num_scheduled_tokens != 1)
+        states = [self.requests[s.request_id] for s in order]
         num_decodes = sum(1 for s in order if s.num_scheduled_tokens == 1)
-        num_tokens = sum(s.num_scheduled_tokens for s in order)
-        max_blocks = max(len(self.requests[s.request_id].block_ids) for s in order)
+        starts = np.fromiter((s.num_computed_tokens for s in order), np.int64, len(order))
+        counts = np.fromiter((s.num_scheduled_tokens for s in order), np.int64, len(order))
+        ends = starts + counts
+        query_start_loc = np.zeros(len(order) + 1, dtype=np.int64)
+        np.cumsum(counts, out=query_start_loc[1:])
+        num_tokens = int(query_start_loc[-1])
 
-        input_ids = np.empty(num_tokens, dtype=np.int64)
-        positions = np.empty(num_tokens, dtype=np.int64)
-        slot_mapping = np.empty(num_tokens, dtype=np.int64)
+        # Per token: its sequence's row, and its position in that sequence.
+        row_of_token = np.repeat(np.arange(len(order)), counts)
+        positions = np.arange(num_tokens) - query_start_loc[:-1][row_of_token] + starts[row_of_token]
+        input_ids = np.fromiter(
+            itertools.chain.from_iterable(st.token_ids[a:b] for st, a, b in zip(states, starts.tolist(), ends.tolist())),
+            np.int64,
+            num_tokens,
+        )
+        max_blocks = max(st.num_blocks for st in states)
         block_tables = np.zeros((len(order), max_blocks), dtype=np.int32)
-        query_start_loc = [0]
-        seq_lens: list[int] = []
+        for i, st in enumerate(states):
+            block_tables[i, : st.num_blocks] = st.block_table[: st.num_blocks]
+        slot_mapping = block_tables[row_of_token, positions // self.block_size].astype(np.int64) * self.block_size
+        slot_mapping += positions % self.block_size
+
         logits_indices: list[int] = []
         sample_rows: list[tuple[str, int]] = []
         prompt_rows: list[tuple[str, int, int, int]] = []
-
-        for i, s in enumerate(order):
-            state = self.requests[s.request_id]
-            start, end = s.num_computed_tokens, s.num_computed_tokens + s.num_scheduled_tokens
-            t0 = query_start_loc[-1]
-            input_ids[t0 : t0 + s.num_scheduled_tokens] = state.token_ids[start:end]
-            positions[t0 : t0 + s.num_scheduled_tokens] = np.arange(start, end)
-            block_tables[i, : len(state.block_ids)] = state.block_ids
-            pos = positions[t0 : t0 + s.num_scheduled_tokens]
-            slot_mapping[t0 : t0 + s.num_scheduled_tokens] = block_tables[i, pos // self.block_size] * self.block_size + pos % self.block_size
-            query_start_loc.append(t0 + s.num_scheduled_tokens)
-            seq_lens.append(end)
+        for i, (s, st) in enumerate(zip(order, states)):
+            start, end, t0 = int(starts[i]), int(ends[i]), int(query_start_loc[i])
             # Prompt logprobs: logits at position p score the token at p + 1.
-            if state.sampling_params.prompt_logprobs is not None and start < state.num_prompt_tokens - 1:
-                last = min(end, state.num_prompt_tokens - 1)
+            if st.sampling_params.prompt_logprobs is not None and start < st.num_prompt_tokens - 1:
+                last = min(end, st.num_prompt_tokens - 1)
                 prompt_rows.append((s.request_id, len(logits_indices), last - start, start + 1))
                 logits_indices.extend(range(t0, t0 + last - start))
-            if end == len(state.token_ids):  # the step reaches the request's last token: sample
+            if end == len(st.token_ids):  # the step reaches the request's last token: sample
                 sample_rows.append((s.request_id, len(logits_indices)))
                 logits_indices.append(t0 + s.num_scheduled_tokens - 1)
 
         to = self._to_device
+        seq_lens = ends.astype(np.int32)
         meta = AttentionMetadata(
             slot_mapping=to(slot_mapping),
-            query_start_loc=to(np.array(query_start_loc, dtype=np.int32)),
-            seq_lens=to(np.array(seq_lens, dtype=np.int32)),
+            query_start_loc=to(query_start_loc.astype(np.int32)),
+            seq_lens=to(seq_lens),
             block_tables=to(block_tables),
             num_decodes=num_decodes,
             num_decode_tokens=num_decodes,
-            max_query_len=max(s.num_scheduled_tokens for s in order),
-            max_seq_len=max(seq_lens),
-            query_start_loc_cpu=query_start_loc,
-            seq_lens_cpu=seq_lens,
+            max_query_len=int(counts.max()),
+            max_seq_len=int(ends.max()),
+            query_start_loc_cpu=query_start_loc.tolist(),
+            seq_lens_cpu=seq_lens.tolist(),
         )
         return StepInputs(
             to(input_ids), to(positions), meta, to(np.array(logits_indices, dtype=np.int64)), sample_rows, prompt_rows
         )
 
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(array)
+    def _to_device(self, array: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Host -> device without a sync: pinned source, non-blocking copy."""
+        tensor = torch.from_numpy(array) if isinstance(array, np.ndarray) else array
         if self.device == "cpu":
             return tensor
         return tensor.pin_memory().to(self.device, non_blocking=True)
@@ -171,26 +179,30 @@ class ModelRunner:
         output = ModelRunnerOutput(sampled_token_ids={})
         if inputs.sample_rows:
             states = [self.requests[rid] for rid, _ in inputs.sample_rows]
-            rows = torch.tensor([row for _, row in inputs.sample_rows], device=logits.device)
-            batch = build_sampling_batch(states, self.device)
-            result = self.sampler(logits[rows], batch)
+            if len(inputs.sample_rows) == logits.shape[0]:  # the usual case: every row samples
+                sample_logits = logits
+            else:
+                sample_logits = logits[self._to_device(torch.tensor([row for _, row in inputs.sample_rows]))]
+            batch = build_sampling_batch(states, self._to_device)
+            result = self.sampler(sample_logits, batch)
             sampled = result.sampled_token_ids.tolist()  # the step's one host sync
+            logprobs = _to_cpu(result.logprobs) if result.logprobs is not None else None
             for i, (state, token) in enumerate(zip(states, sampled)):
                 state.token_ids.append(token)
                 output.sampled_token_ids[state.request_id] = token
                 if state.sampling_params.logprobs is not None:
-                    output.logprobs[state.request_id] = _slice(result.logprobs, i, 1, state.sampling_params.logprobs)
+                    output.logprobs[state.request_id] = _row(logprobs, i, state.sampling_params.logprobs)
         for request_id, first_row, count, target_pos in inputs.prompt_rows:
             state = self.requests[request_id]
-            targets = torch.tensor(state.token_ids[target_pos : target_pos + count], device=logits.device)
+            targets = self._to_device(torch.tensor(state.token_ids[target_pos : target_pos + count]))
             lp = logits[first_row : first_row + count].log_softmax(dim=-1)
             output.prompt_logprobs[request_id] = _to_cpu(token_logprobs(lp, targets, state.sampling_params.prompt_logprobs))
         return output
 
 
-def _slice(lp: TokenLogprobs, start: int, count: int, k: int) -> TokenLogprobs:
-    end = start + count
-    return _to_cpu(TokenLogprobs(lp.token_ids[start:end, : k + 1], lp.logprobs[start:end, : k + 1], lp.ranks[start:end]))
+def _row(lp: TokenLogprobs, i: int, k: int) -> TokenLogprobs:
+    """Row i, with the request's own number of alternatives."""
+    return TokenLogprobs(lp.token_ids[i : i + 1, : k + 1], lp.logprobs[i : i + 1, : k + 1], lp.ranks[i : i + 1])
 
 
 def _to_cpu(lp: TokenLogprobs) -> TokenLogprobs:

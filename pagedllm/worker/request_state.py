@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from pagedllm.core.interface import NewRequestData
 from pagedllm.sampling_params import SamplingParams
 
@@ -14,7 +16,15 @@ class RunnerRequestState:
     token_ids: list[int]  # prompt + generated
     num_prompt_tokens: int
     sampling_params: SamplingParams
-    block_ids: list[int] = field(default_factory=list)
+    block_table: np.ndarray = field(default_factory=lambda: np.zeros(16, dtype=np.int32))
+    num_blocks: int = 0
+
+    def add_blocks(self, block_ids: list[int]) -> None:
+        needed = self.num_blocks + len(block_ids)
+        if needed > len(self.block_table):  # grow geometrically
+            self.block_table = np.resize(self.block_table, max(needed, 2 * len(self.block_table)))
+        self.block_table[self.num_blocks : needed] = block_ids
+        self.num_blocks = needed
 
     @classmethod
     def from_new(cls, new: NewRequestData) -> RunnerRequestState:

@@ -3,17 +3,19 @@ optional parts (top-k, penalties, ...) only when some row uses them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from pagedllm.layers.sampler import SamplingBatch
 from pagedllm.worker.request_state import RunnerRequestState
 
 
-def build_sampling_batch(states: list[RunnerRequestState], device: str) -> SamplingBatch:
+def build_sampling_batch(states: list[RunnerRequestState], to_device: Callable[[torch.Tensor], torch.Tensor]) -> SamplingBatch:
     params = [s.sampling_params for s in states]
 
     def column(values, dtype=torch.float32):
-        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+        return to_device(torch.tensor(values, dtype=dtype))
 
     def optional(attr: str, off, dtype=torch.float32, replace_off=None):
         values = [getattr(p, attr) for p in params]
@@ -33,9 +35,10 @@ def build_sampling_batch(states: list[RunnerRequestState], device: str) -> Sampl
     }
     seeds = {row: seed for row, s in enumerate(states) if (seed := s.step_seed()) is not None}
     wanted_logprobs = [p.logprobs for p in params if p.logprobs is not None]
+    all_greedy = all(p.greedy for p in params)
     return SamplingBatch(
-        temperature=column([p.temperature for p in params]),
-        all_greedy=all(p.greedy for p in params),
+        temperature=None if all_greedy else column([p.temperature for p in params]),
+        all_greedy=all_greedy,
         top_k=optional("top_k", 0, torch.int64, replace_off=2**31 - 1),
         top_p=optional("top_p", 1.0),
         min_p=optional("min_p", 0.0),
