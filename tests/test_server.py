@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -271,6 +273,20 @@ def test_64_concurrent_streams_then_16_disconnects(server):
                  "request_queue_time_seconds", "prefix_cache_queries_total", "prefix_cache_hits_total",
                  "num_preemptions_total", "prompt_tokens_total"):
         assert f"pagedllm:{name}" in metrics
+
+
+def test_bench_serve_load_generator(server, tmp_path):
+    out = tmp_path / "bench.json"
+    command = [sys.executable, "-m", "pagedllm.entrypoints.cli", "bench", "serve", "--base-url", server.base_url,
+               "--num-prompts", "6", "--random-input-len", "16", "--random-output-len", "4", "--max-concurrency", "3",
+               "--request-rate", "inf", "--output-json", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "TTFT" in done.stdout and "TPOT" in done.stdout and "ITL" in done.stdout
+    result = json.loads(out.read_text())
+    assert (result["completed"], result["failed"]) == (6, 0)
+    assert result["total_output_tokens"] == 6 * 4 and result["total_prompt_tokens"] == 6 * 16
+    assert result["ttft_ms"]["p50"] > 0 and result["output_token_throughput"] > 0
 
 
 # -- shutdown (last: it ends the module's server) -------------------------------------------------

@@ -72,7 +72,7 @@ def add_engine_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
         help_text = _with_default(ENGINE_HELP.get(f.name, f"EngineArgs.{f.name}"), default)
         if f.name == "model" and model_positional:
             group.add_argument("model", nargs="?", default=None, help=help_text)
-            group.add_argument("--model", dest="model_option", default=None, help="same as the positional model")
+            group.add_argument("--model", dest="model_option", default=None, help="same as the positional model (default: none)")
             continue
         kwargs: dict[str, Any] = dict(dest=f.name, default=default, help=help_text)
         if isinstance(default, bool):
