@@ -142,6 +142,9 @@ async def run(args: argparse.Namespace) -> dict:
             async with semaphore:
                 return await send_one(client, model, request)
 
+        warmup = await send_one(client, model, BenchRequest(requests[0].prompt, min(requests[0].output_len, 4)))
+        if not warmup.ok:  # as vLLM's bench does: one request first, so a broken setup fails at once
+            raise SystemExit(f"the first test request failed: {warmup.error}")
         start = time.perf_counter()
         tasks = []
         for request in requests:
