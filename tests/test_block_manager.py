@@ -14,7 +14,7 @@ def make_request(request_id: str, tokens: list[int]) -> Request:
 def admit(kv: KVCacheManager, request: Request) -> int:
     """What the scheduler does on admission; returns the cached token count."""
     cached = kv.find_cached_prefix(request)
-    assert kv.allocate_slots(request, request.num_tokens - len(cached) * kv.block_size, cached)
+    assert kv.allocate_slots(request, request.num_tokens - len(cached) * kv.block_size, cached) is not None
     request.num_computed_tokens = request.num_tokens
     return len(cached) * kv.block_size
 
@@ -39,11 +39,11 @@ def test_growing_by_one_token_allocates_only_at_block_boundaries():
     admit(kv, r)
     assert len(kv.block_ids("r")) == 1
     r.all_token_ids.append(4)  # 4 tokens: still one block
-    assert kv.allocate_slots(r, 1)
+    assert kv.allocate_slots(r, 1) == []  # room left in its block
     r.num_computed_tokens += 1
     assert len(kv.block_ids("r")) == 1
     r.all_token_ids.append(5)
-    assert kv.allocate_slots(r, 1)
+    assert kv.allocate_slots(r, 1) == kv.block_ids("r")[1:]  # one new block, returned
     assert len(kv.block_ids("r")) == 2
     kv.check_invariants()
 
@@ -92,7 +92,7 @@ def test_different_prefix_same_block_tokens_do_not_collide():
 def test_out_of_blocks_changes_nothing():
     kv = KVCacheManager(num_blocks=2, block_size=4)
     r = make_request("r", list(range(12)))
-    assert not kv.allocate_slots(r, 12)
+    assert kv.allocate_slots(r, 12) is None
     assert kv.num_free_blocks == 2 and "r" not in kv.block_tables
     kv.check_invariants()
 
@@ -117,7 +117,7 @@ def test_random_workload_keeps_invariants(block_size):
             base = rng.choice([[1] * 20, [2] * 7, []])
             r = make_request(f"r{step}", base + [rng.randrange(50) for _ in range(rng.randrange(1, 30))])
             cached = kv.find_cached_prefix(r)
-            if kv.allocate_slots(r, r.num_tokens - len(cached) * block_size, cached):
+            if kv.allocate_slots(r, r.num_tokens - len(cached) * block_size, cached) is not None:
                 live.append(r)
         kv.check_invariants()
     for r in live:

@@ -134,25 +134,32 @@ class KVCacheManager:
         self.num_queries += num_query_tokens
         self.num_hits += num_hit_tokens
 
-    def allocate_slots(self, request: Request, num_new_tokens: int, cached: list[Block] = ()) -> bool:
+    def allocate_slots(self, request: Request, num_new_tokens: int, cached: list[Block] = ()) -> list[int] | None:
         """Make room for `num_new_tokens` after the request's computed (and cached) tokens.
-        Returns False, changing nothing, when there are not enough free blocks."""
-        table = self.block_tables.setdefault(request.request_id, [])
+        Returns the ids of the blocks appended to its table (the cached ones first), or
+        None, changing nothing, when there are not enough free blocks."""
+        request_id = request.request_id
+        table = self.block_tables.get(request_id)
+        if table is None:
+            table = self.block_tables[request_id] = []
         num_tokens = request.num_computed_tokens + len(cached) * self.block_size + num_new_tokens
         num_needed = -(-num_tokens // self.block_size) - len(table) - len(cached)
-        # Cached blocks sitting in the free queue are taken out of it too.
-        num_revived = sum(1 for b in cached if b.ref_count == 0)
-        if num_needed + num_revived > self.num_free_blocks:
-            if not table:
-                del self.block_tables[request.request_id]
-            return False
-        for block in cached:
-            self.pool.acquire(block)
-        table.extend(cached)
-        table.extend(self.pool.allocate() for _ in range(max(num_needed, 0)))
-        if self.enable_prefix_caching:
+        added: list[int] = []
+        if num_needed > 0 or cached:  # else: room left in its last block (most decodes)
+            # Cached blocks sitting in the free queue are taken out of it too.
+            num_revived = sum(1 for b in cached if b.ref_count == 0)
+            if num_needed + num_revived > self.num_free_blocks:
+                if not table:
+                    del self.block_tables[request_id]
+                return None
+            for block in cached:
+                self.pool.acquire(block)
+            new_blocks = list(cached) + [self.pool.allocate() for _ in range(max(num_needed, 0))]
+            table.extend(new_blocks)
+            added = [b.block_id for b in new_blocks]
+        if self.enable_prefix_caching and num_tokens // self.block_size > len(self.block_hashes.get(request_id, ())):
             self._register_full_blocks(request, table, num_tokens)
-        return True
+        return added
 
     def _register_full_blocks(self, request: Request, table: list[Block], num_tokens: int) -> None:
         hashes = self.block_hashes.setdefault(request.request_id, [])

@@ -19,7 +19,7 @@ class NewRequestData:
     sampling_params: SamplingParams
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledRequest:
     request_id: str
     num_computed_tokens: int  # tokens already in the KV cache
@@ -55,7 +55,7 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(slots=True)
 class EngineCoreOutput:
     """What one step produced for one request."""
 

@@ -68,15 +68,13 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            num_blocks_before = len(self.kv.block_tables.get(request.request_id, ()))
-            while not self.kv.allocate_slots(request, num_new):
+            while (new_block_ids := self.kv.allocate_slots(request, num_new)) is None:
                 victim = self.running.pop()  # the most recently admitted
                 self._preempt(victim)
                 preempted = True
                 if victim is request:
                     break
             else:
-                new_block_ids = self.kv.block_ids(request.request_id, num_blocks_before)
                 scheduled.append(ScheduledRequest(request.request_id, request.num_computed_tokens, num_new, new_block_ids))
                 budget -= num_new
                 i += 1
@@ -87,7 +85,8 @@ class Scheduler:
             cached = self.kv.find_cached_prefix(request)
             num_cached = len(cached) * self.kv.block_size
             num_new = min(request.num_tokens - num_cached, budget)
-            if not self.kv.allocate_slots(request, num_new, cached):
+            block_ids = self.kv.allocate_slots(request, num_new, cached)
+            if block_ids is None:
                 break
             self.waiting.popleft()
             self.kv.record_lookup(request.num_tokens, num_cached)
@@ -104,7 +103,6 @@ class Scheduler:
                     request.sampling_params,
                 )
             )
-            block_ids = self.kv.block_ids(request.request_id)
             scheduled.append(ScheduledRequest(request.request_id, num_cached, num_new, block_ids))
             budget -= num_new
 
@@ -119,13 +117,15 @@ class Scheduler:
     def update(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
         """Account the computed tokens, append sampled ones, finish what should stop."""
         outputs: list[EngineCoreOutput] = []
+        requests, sampled, logprobs = self.requests, runner_output.sampled_token_ids, runner_output.logprobs
+        all_prompt_logprobs = runner_output.prompt_logprobs
         for s in scheduler_output.scheduled:
-            request = self.requests.get(s.request_id)
-            if request is None or request.status != RequestStatus.RUNNING:
+            request = requests.get(s.request_id)
+            if request is None or request.status is not RequestStatus.RUNNING:
                 continue  # aborted or preempted since it was scheduled
             request.num_computed_tokens += s.num_scheduled_tokens
-            prompt_logprobs = runner_output.prompt_logprobs.get(s.request_id)
-            token = runner_output.sampled_token_ids.get(s.request_id)
+            prompt_logprobs = all_prompt_logprobs.get(s.request_id) if all_prompt_logprobs else None
+            token = sampled.get(s.request_id)
             if token is None:  # a prefill chunk that did not reach the end of the prompt
                 if prompt_logprobs is not None:
                     outputs.append(EngineCoreOutput(s.request_id, [], prompt_logprobs=prompt_logprobs))
@@ -136,11 +136,11 @@ class Scheduler:
                 EngineCoreOutput(
                     s.request_id,
                     [token],
-                    new_logprobs=runner_output.logprobs.get(s.request_id),
-                    prompt_logprobs=prompt_logprobs,
-                    finish_reason=status.value if status else None,
-                    stop_reason=request.stop_reason,
-                    num_cached_tokens=max(request.num_cached_tokens, 0),
+                    logprobs.get(s.request_id) if logprobs else None,
+                    prompt_logprobs,
+                    status.value if status else None,
+                    request.stop_reason,
+                    max(request.num_cached_tokens, 0),
                 )
             )
             if status is not None:

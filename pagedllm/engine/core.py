@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pagedllm.config import CacheConfig, EngineArgs, SchedulerConfig
@@ -82,11 +83,15 @@ class EngineCore:
     def abort(self, request_ids: list[str]) -> None:
         self.scheduler.abort(request_ids)
 
-    def step(self) -> list[EngineCoreOutput]:
+    def step(self, while_running: Callable[[], None] | None = None) -> list[EngineCoreOutput]:
+        """schedule -> execute -> update. `while_running` is called while the device
+        computes the step (the front end processes the previous step's outputs there)."""
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.empty:
+            if while_running is not None:
+                while_running()
             return []
-        runner_output = self.runner.execute(scheduler_output)
+        runner_output = self.runner.execute(scheduler_output, while_running)
         return self.scheduler.update(scheduler_output, runner_output)
 
     def has_unfinished_requests(self) -> bool:

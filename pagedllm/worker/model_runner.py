@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,7 +91,9 @@ class ModelRunner:
     # -- one step -----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
+    def execute(self, so: SchedulerOutput, while_running: Callable[[], None] | None = None) -> ModelRunnerOutput:
+        """Run one step. `while_running` is called once the step is launched on the device
+        and before waiting for it: host work done there overlaps the GPU."""
         self._update_states(so)
         inputs = self._prepare(so.scheduled)
         if self.graphs is not None and self.graphs.can_run(inputs.meta):
@@ -98,7 +101,7 @@ class ModelRunner:
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
         logits = self.model.compute_logits(hidden[inputs.logits_indices]).float()
-        return self._sample(logits, inputs)
+        return self._sample(logits, inputs, while_running)
 
     def _update_states(self, so: SchedulerOutput) -> None:
         for request_id in so.dropped_request_ids:
@@ -175,7 +178,7 @@ class ModelRunner:
             return tensor
         return tensor.pin_memory().to(self.device, non_blocking=True)
 
-    def _sample(self, logits: torch.Tensor, inputs: StepInputs) -> ModelRunnerOutput:
+    def _sample(self, logits: torch.Tensor, inputs: StepInputs, while_running: Callable[[], None] | None) -> ModelRunnerOutput:
         output = ModelRunnerOutput(sampled_token_ids={})
         if inputs.sample_rows:
             states = [self.requests[rid] for rid, _ in inputs.sample_rows]
@@ -185,6 +188,9 @@ class ModelRunner:
                 sample_logits = logits[self._to_device(torch.tensor([row for _, row in inputs.sample_rows]))]
             batch = build_sampling_batch(states, self._to_device)
             result = self.sampler(sample_logits, batch)
+            if while_running is not None:
+                while_running()
+                while_running = None
             sampled = result.sampled_token_ids.tolist()  # the step's one host sync
             logprobs = _to_cpu(result.logprobs) if result.logprobs is not None else None
             for i, (state, token) in enumerate(zip(states, sampled)):
@@ -197,6 +203,8 @@ class ModelRunner:
             targets = self._to_device(torch.tensor(state.token_ids[target_pos : target_pos + count]))
             lp = logits[first_row : first_row + count].log_softmax(dim=-1)
             output.prompt_logprobs[request_id] = _to_cpu(token_logprobs(lp, targets, state.sampling_params.prompt_logprobs))
+        if while_running is not None:  # nothing sampled this step
+            while_running()
         return output
 
 
