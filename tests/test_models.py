@@ -195,9 +195,9 @@ def test_weights_stream_one_shard_at_a_time(tokenizer_dir, vocab, tmp_path, monk
     events: list[str] = []
     real_read = checkpoint_module.read_safetensors
 
-    def recording_read(path):
+    def recording_read(path, *args):
         events.append(f"open {os.path.basename(path)}")
-        yield from real_read(path)
+        yield from real_read(path, *args)
 
     monkeypatch.setattr(checkpoint_module, "read_safetensors", recording_read)
     checkpoint = open_checkpoint(EngineArgs(model=folder))

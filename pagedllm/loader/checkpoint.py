@@ -86,6 +86,7 @@ class HFFolderCheckpoint(Checkpoint):
     name: str
     tokenizer_path: str | None = None
     trust_remote_code: bool = False
+    device: str = "cpu"  # where safetensors tensors are read to (a GPU: through pinned buffers)
 
     @property
     def source(self) -> str:
@@ -153,7 +154,7 @@ class HFFolderCheckpoint(Checkpoint):
         current shard where it cannot be memory-mapped)."""
         for file in self.weight_files:
             if file.endswith(".safetensors"):
-                yield from read_safetensors(file)
+                yield from read_safetensors(file, self.device)
             else:
                 state = _load_bin(file)
                 while state:
@@ -208,27 +209,66 @@ def _safetensors_header(file: str) -> tuple[dict[str, dict], int]:
     return header, 8 + size
 
 
-def read_safetensors(file: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of a .safetensors file in file order, each read() into a buffer of its own.
-    (safetensors' safe_open hands out views of a memory map instead: copying those faults the
-    file in a page at a time, 5x slower here for a 1B model, and the mapped pages add a second
-    model's worth to the resident memory.)"""
+def read_safetensors(file: str, device: str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a .safetensors file in file order, each read() into a tensor of its own on
+    `device`. (safetensors' safe_open hands out views of a memory map instead: copying those
+    faults the file in a page at a time, 5x slower here for a 1B model, and the mapped pages add
+    a second model's worth to the resident memory.)"""
     header, data_start = _safetensors_header(file)
+    staging = _PinnedStaging() if device.startswith("cuda") else None
     with open(file, "rb", buffering=0) as f:
         for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
             if info["dtype"] not in _SAFETENSORS_DTYPES:
                 raise ValueError(f"{file}: tensor {name} has dtype {info['dtype']}, which pagedllm cannot load")
             begin, end = info["data_offsets"]
-            tensor = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
-            buffer = tensor.view(-1).view(torch.uint8).numpy()
+            tensor = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]], device=device)
             f.seek(data_start + begin)
-            done = 0
-            while done < end - begin:  # one read() returns at most ~2 GiB on Linux
-                n = f.readinto(buffer[done:])
-                if not n:
-                    raise ValueError(f"{file} is truncated (tensor {name}): copy it again")
-                done += n
+            if staging is None:
+                _read_exactly(f, tensor.view(-1).view(torch.uint8).numpy(), file)
+            else:
+                staging.read(f, tensor.view(-1).view(torch.uint8), file)
             yield name, tensor
+    if staging is not None:
+        staging.finish()
+
+
+def _read_exactly(f, buffer, file: str) -> None:
+    done = 0
+    while done < len(buffer):  # one read() returns at most ~2 GiB on Linux
+        n = f.readinto(buffer[done:])
+        if not n:
+            raise ValueError(f"{file} is truncated: copy it again")
+        done += n
+
+
+class _PinnedStaging:
+    """File -> pinned host buffer -> GPU in 64 MiB chunks, two buffers in turn: the read of one
+    chunk overlaps the copy of the one before (copies run on the current stream, so whatever
+    uses the tensor afterwards is ordered after them)."""
+
+    CHUNK = 64 << 20
+
+    def __init__(self) -> None:
+        self.buffers = [torch.empty(self.CHUNK, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        self.copied: list[torch.cuda.Event | None] = [None, None]  # when each buffer is free again
+        self.turn = 0
+
+    def read(self, f, dst: torch.Tensor, file: str) -> None:
+        """Fill dst (1-D uint8 on the GPU) from f's current position."""
+        for start in range(0, dst.numel(), self.CHUNK):
+            n = min(self.CHUNK, dst.numel() - start)
+            i, self.turn = self.turn, self.turn ^ 1
+            if self.copied[i] is not None:
+                self.copied[i].synchronize()
+            _read_exactly(f, self.buffers[i][:n].numpy(), file)
+            dst[start : start + n].copy_(self.buffers[i][:n], non_blocking=True)
+            self.copied[i] = torch.cuda.Event()
+            self.copied[i].record()
+
+    def finish(self) -> None:
+        for event in self.copied:
+            if event is not None:
+                event.synchronize()
 
 
 def _load_bin(file: str) -> dict[str, torch.Tensor]:
@@ -261,4 +301,4 @@ def open_checkpoint(args: EngineArgs) -> Checkpoint:
         if tokenizer_path is not None:
             return GGUFWithHFTokenizer(files.path, files.name, tokenizer_path, args.trust_remote_code)
         return GGUFCheckpoint(files.path, files.name)
-    return HFFolderCheckpoint(files.path, files.name, tokenizer_path, args.trust_remote_code)
+    return HFFolderCheckpoint(files.path, files.name, tokenizer_path, args.trust_remote_code, args.resolved_device)
