@@ -31,9 +31,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-@torch.inference_mode()
 def hf_generate_batch(model, workload: Workload, device: str) -> float:
-    """HF's continuous batching with paged attention (generate_batch); returns seconds."""
+    """HF's continuous batching with paged attention (generate_batch); returns seconds.
+    (Not under inference_mode: its manager updates its tensors in place from a thread.)"""
     from transformers import GenerationConfig
 
     config = GenerationConfig(
