@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from pagedllm.distributed.parallel_state import shard_range
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -115,6 +117,19 @@ class ModelConfig:
     dtype: torch.dtype
     device: str
     max_model_len: int
+    tensor_parallel_size: int = 1
+    tensor_parallel_rank: int = 0  # which rank's share of the heads this process holds
+
+    def __post_init__(self) -> None:
+        n, kv_heads = self.tensor_parallel_size, self.num_kv_heads
+        if n > kv_heads:
+            raise ValueError(
+                f"tensor_parallel_size {n} is more than the {kv_heads} KV heads of {self.name}: each rank holds "
+                f"whole KV heads (with the query heads that share them), so use a tensor_parallel_size of at most "
+                f"{kv_heads}; sizes that divide {kv_heads} give every rank an equal share"
+            )
+        if not 0 <= self.tensor_parallel_rank < n:
+            raise ValueError(f"tensor_parallel_rank {self.tensor_parallel_rank} is not in [0, {n})")
 
     @property
     def num_layers(self) -> int:
@@ -124,6 +139,13 @@ class ModelConfig:
     def num_kv_heads(self) -> int:
         c = self.hf_config
         return getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+
+    @property
+    def num_local_kv_heads(self) -> int:
+        """The KV heads this rank holds (and caches): an even share, the first ranks one more
+        where the heads do not divide."""
+        start, end = shard_range(self.num_kv_heads, self.tensor_parallel_rank, self.tensor_parallel_size)
+        return end - start
 
     @property
     def head_dim(self) -> int:

@@ -16,10 +16,21 @@ from tqdm import tqdm
 
 from pagedllm import envs
 from pagedllm.config import DTYPES, EngineArgs, ModelConfig
+from pagedllm.distributed import SINGLE_RANK, TensorParallelGroup, building_for
 from pagedllm.loader.checkpoint import Checkpoint, open_checkpoint
 from pagedllm.models import get_model_class
 
 logger = logging.getLogger("pagedllm")
+
+
+@dataclass
+class ModelInfo:
+    """A model without its weights: what the engine core needs when the weights live in
+    tensor-parallel workers."""
+
+    config: ModelConfig
+    tokenizer: Any  # transformers PreTrainedTokenizerBase
+    eos_token_ids: set[int]
 
 
 @dataclass
@@ -28,6 +39,10 @@ class LoadedModel:
     model: nn.Module
     tokenizer: Any  # transformers PreTrainedTokenizerBase
     eos_token_ids: set[int]
+
+    @property
+    def info(self) -> ModelInfo:
+        return ModelInfo(self.config, self.tokenizer, self.eos_token_ids)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -73,11 +88,9 @@ def _with_progress(weights: Iterator[tuple[str, torch.Tensor]], total: int, desc
     yield from tqdm(weights, total=total, desc=desc, unit="tensor", leave=False, disable=disable)
 
 
-def load_model(args: EngineArgs) -> LoadedModel:
-    start = time.perf_counter()
+def _open(args: EngineArgs, rank: int, world_size: int) -> tuple[Checkpoint, ModelConfig]:
     checkpoint: Checkpoint = open_checkpoint(args)
     device = args.resolved_device
-    dtype = resolve_dtype(args.dtype, checkpoint.hf_config, device)
     max_len = checkpoint.max_position_embeddings
     if args.max_model_len is not None:
         max_len = args.max_model_len
@@ -85,12 +98,38 @@ def load_model(args: EngineArgs) -> LoadedModel:
         name=checkpoint.name,
         source=checkpoint.source,
         hf_config=checkpoint.hf_config,
-        dtype=dtype,
+        dtype=resolve_dtype(args.dtype, checkpoint.hf_config, device),
         device=device,
         max_model_len=max_len,
+        tensor_parallel_size=world_size,
+        tensor_parallel_rank=rank,
     )
+    return checkpoint, config
+
+
+def _tokenizer(args: EngineArgs, checkpoint: Checkpoint):
+    tokenizer = None if args.skip_tokenizer_init else checkpoint.tokenizer()
+    if args.chat_template is not None and tokenizer is not None:
+        tokenizer.chat_template = _read_chat_template(args.chat_template)
+    return tokenizer
+
+
+def describe_model(args: EngineArgs) -> ModelInfo:
+    """Config and tokenizer, no weights (the driver of tensor-parallel workers). Raises the
+    same errors as load_model for a model that cannot be found or split."""
+    checkpoint, config = _open(args, 0, args.tensor_parallel_size)
+    get_model_class(checkpoint.hf_config)  # an unsupported architecture fails here, before workers start
+    tokenizer = _tokenizer(args, checkpoint)
+    return ModelInfo(config, tokenizer, checkpoint.eos_token_ids(tokenizer))
+
+
+def load_model(args: EngineArgs, tp: TensorParallelGroup = SINGLE_RANK) -> LoadedModel:
+    """The model on its device; with a tensor-parallel group, this rank's shard of it."""
+    start = time.perf_counter()
+    checkpoint, config = _open(args, tp.rank, tp.world_size)
+    device, dtype = config.device, config.dtype
     model_class = get_model_class(checkpoint.hf_config)
-    with _no_init(device, dtype):
+    with _no_init(device, dtype), building_for(tp):
         model = model_class(checkpoint.hf_config)
     if args.load_format == "dummy":
         _init_dummy_weights(model, args.seed)
@@ -98,17 +137,16 @@ def load_model(args: EngineArgs) -> LoadedModel:
         weights = _with_progress(checkpoint.weights(dtype), checkpoint.num_tensors, "loading weights")
         model.load_weights((name, tensor.to(dtype)) for name, tensor in weights)
     model.eval().requires_grad_(False)
-    tokenizer = None if args.skip_tokenizer_init else checkpoint.tokenizer()
-    if args.chat_template is not None and tokenizer is not None:
-        tokenizer.chat_template = _read_chat_template(args.chat_template)
+    tokenizer = _tokenizer(args, checkpoint)
     logger.info(
-        "loaded %s (%s) from %s: %s, %s, %.1fM parameters, in %.2f s",
+        "loaded %s (%s) from %s: %s, %s, %.1fM parameters%s, in %.2f s",
         checkpoint.name,
         model_class.__name__,
         checkpoint.source,
         str(dtype).removeprefix("torch."),
         device,
         sum(p.numel() for p in model.parameters()) / 1e6,
+        f" (rank {tp.rank} of {tp.world_size})" if tp.world_size > 1 else "",
         time.perf_counter() - start,
     )
     return LoadedModel(config, model, tokenizer, checkpoint.eos_token_ids(tokenizer))

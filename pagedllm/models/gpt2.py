@@ -13,6 +13,10 @@ HF's GPT-2 is built from Conv1D, which stores a weight as (in, out): c_attn, c_p
 are transposed at load into nn.Linear's (out, in). Checkpoints saved from GPT2Model (the
 original "gpt2" ones) lack the `transformer.` prefix and carry the causal-mask buffers
 `attn.bias` / `attn.masked_bias`, which are not weights and are dropped.
+
+Tensor parallelism (layers/linear.py): heads, the MLP and the vocabulary are split over the
+ranks; wpe and the LayerNorms are whole on every rank; the row-parallel c_proj adds its bias
+once, after the all-reduce.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from pagedllm.attention import AttentionMetadata
 from pagedllm.layers.activation import get_activation
 from pagedllm.layers.attention import PagedAttention
 from pagedllm.layers.embedding import LearnedPositionEmbedding
+from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear
+from pagedllm.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
 from pagedllm.models.weights import load_stacked_weights
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -53,12 +59,14 @@ class GPT2Attention(nn.Module):
         scale = head_dim**-0.5 if config.scale_attn_weights else 1.0
         if config.scale_attn_by_inverse_layer_idx:
             scale /= layer_idx + 1
-        self.c_attn = nn.Linear(E, 3 * E)
-        self.c_proj = nn.Linear(E, E)
-        self.attn = PagedAttention(H, H, head_dim, scale)
+        # Tensor parallelism: this rank's heads of q, k and v; c_proj sums over the ranks.
+        self.c_attn = ColumnParallelLinear(E, [E, E, E], bias=True, num_units=H)
+        self.c_proj = RowParallelLinear(E, E, bias=True, num_units=H)
+        num_local_heads = self.c_attn.local_sizes[0] // head_dim
+        self.attn = PagedAttention(num_local_heads, num_local_heads, head_dim, scale)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.c_attn(x).chunk(3, dim=-1)  # each (T, E)
+        q, k, v = self.c_attn(x).chunk(3, dim=-1)  # each (T, E / N)
         return self.c_proj(self.attn(q, k, v, meta))
 
 
@@ -66,9 +74,9 @@ class GPT2MLP(nn.Module):
     def __init__(self, config) -> None:
         super().__init__()
         inner = config.n_inner or 4 * config.hidden_size
-        self.c_fc = nn.Linear(config.hidden_size, inner)
+        self.c_fc = ColumnParallelLinear(config.hidden_size, [inner], bias=True)
         self.act = get_activation(config.activation_function)
-        self.c_proj = nn.Linear(inner, config.hidden_size)
+        self.c_proj = RowParallelLinear(inner, config.hidden_size, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.c_proj(self.act(self.c_fc(x)))
@@ -90,7 +98,7 @@ class GPT2Block(nn.Module):
 class GPT2Model(nn.Module):
     def __init__(self, config) -> None:
         super().__init__()
-        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.wte = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.wpe = LearnedPositionEmbedding(config.max_position_embeddings, config.hidden_size)
         self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.num_hidden_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
@@ -111,15 +119,15 @@ class GPT2LMHeadModel(nn.Module):
         self.transformer = GPT2Model(config)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
         if not self.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """(T,) token ids -> (T, hidden) final hidden states."""
         return self.transformer(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.transformer.wte.weight if self.tie_word_embeddings else self.lm_head.weight
-        return hidden @ weight.t()
+        head = self.transformer.wte if self.tie_word_embeddings else self.lm_head
+        return head.logits(hidden)  # (T, vocab)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         skip = ("lm_head.weight",) if self.tie_word_embeddings else ()

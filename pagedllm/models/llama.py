@@ -2,6 +2,9 @@
 
 Data flow, per token t of the flattened step batch (T tokens in all):
     embed -> [ RMSNorm -> attention (paged) -> + -> RMSNorm -> SwiGLU MLP -> + ] x L -> RMSNorm -> logits
+
+Tensor parallelism (layers/linear.py): each rank holds whole KV heads with their query heads,
+a slice of the MLP and of the vocabulary; norms and rotary are whole on every rank.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from torch import nn
 from pagedllm.attention import AttentionMetadata
 from pagedllm.layers.activation import SiluAndMul
 from pagedllm.layers.attention import PagedAttention
+from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.rotary import get_rotary_embedding, rope_parameters
-from pagedllm.models.weights import load_stacked_weights, merged_linear
+from pagedllm.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
+from pagedllm.models.weights import load_stacked_weights
 
 STACKED = [
     ("qkv_proj", "q_proj", 0),
@@ -30,16 +35,22 @@ STACKED = [
 class LlamaAttention(nn.Module):
     def __init__(self, config, qkv_bias: bool = False) -> None:
         """qkv_bias: q/k/v carry a bias even where o_proj does not (Qwen2); `attention_bias`
-        in the config puts one on all four (Llama variants, Qwen3)."""
+        in the config puts one on all four (Llama variants, Qwen3). With tensor parallelism the
+        module holds this rank's KV heads and the query heads that share them."""
         super().__init__()
         bias = bool(getattr(config, "attention_bias", False))
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = merged_linear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=qkv_bias or bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=bias)
+        total_heads = config.num_attention_heads
+        total_kv_heads = getattr(config, "num_key_value_heads", None) or total_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // total_heads
+        q_size, kv_size = total_heads * self.head_dim, total_kv_heads * self.head_dim
+        # Split by KV head: a rank holds whole KV heads, each with its group of query heads.
+        self.qkv_proj = ColumnParallelLinear(
+            config.hidden_size, [q_size, kv_size, kv_size], bias=qkv_bias or bias, num_units=total_kv_heads
+        )
+        self.o_proj = RowParallelLinear(q_size, config.hidden_size, bias=bias, num_units=total_kv_heads)
+        self.q_size, self.kv_size, _ = self.qkv_proj.local_sizes  # this rank's
+        self.num_heads = self.q_size // self.head_dim
+        self.num_kv_heads = self.kv_size // self.head_dim
         theta, scaling = rope_parameters(config)
         self.rotary = get_rotary_embedding(self.head_dim, config.max_position_embeddings, theta, scaling)
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
@@ -54,9 +65,9 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, config) -> None:
         super().__init__()
-        self.gate_up_proj = merged_linear(config.hidden_size, [config.intermediate_size] * 2)
+        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2)
         self.act = SiluAndMul()
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -83,7 +94,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config, attention_class: type[nn.Module] = LlamaAttention) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, attention_class) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -105,15 +116,15 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config, self.attention_class)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if not self.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """(T,) token ids -> (T, hidden) final hidden states."""
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        return hidden @ weight.t()
+        head = self.model.embed_tokens if self.tie_word_embeddings else self.lm_head
+        return head.logits(hidden)  # (T, vocab)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         skip = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if self.tie_word_embeddings else ())

@@ -15,6 +15,10 @@ Data flow, per token of the flattened step batch (T tokens in all):
 Ew = word_embed_proj_dim differs from E = hidden_size only where the config says so (opt-350m:
 512 vs 1024); then the embeddings are projected in and the output back out. The position
 table starts 2 rows in (fairseq's padding offset): position p reads row p + 2.
+
+Tensor parallelism (layers/linear.py): heads, fc1/fc2 and the vocabulary are split over the
+ranks; the position table, the LayerNorms and project_in / project_out are small and whole on
+every rank.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from pagedllm.attention import AttentionMetadata
 from pagedllm.layers.activation import get_activation
 from pagedllm.layers.attention import PagedAttention
 from pagedllm.layers.embedding import LearnedPositionEmbedding
-from pagedllm.models.weights import load_stacked_weights, merged_linear
+from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear
+from pagedllm.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
+from pagedllm.models.weights import load_stacked_weights
 
 POSITION_OFFSET = 2
 
@@ -52,12 +58,14 @@ class OPTAttention(nn.Module):
         super().__init__()
         E, H = config.hidden_size, config.num_attention_heads
         head_dim = E // H
-        self.qkv_proj = merged_linear(E, [E, E, E], bias=config.enable_bias)
-        self.out_proj = nn.Linear(E, E, bias=config.enable_bias)
-        self.attn = PagedAttention(H, H, head_dim, head_dim**-0.5)
+        # Tensor parallelism: this rank's heads of q, k and v; out_proj sums over the ranks.
+        self.qkv_proj = ColumnParallelLinear(E, [E, E, E], bias=config.enable_bias, num_units=H)
+        self.out_proj = RowParallelLinear(E, E, bias=config.enable_bias, num_units=H)
+        num_local_heads = self.qkv_proj.local_sizes[0] // head_dim
+        self.attn = PagedAttention(num_local_heads, num_local_heads, head_dim, head_dim**-0.5)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).chunk(3, dim=-1)  # each (T, E)
+        q, k, v = self.qkv_proj(x).chunk(3, dim=-1)  # each (T, E / N)
         return self.out_proj(self.attn(q, k, v, meta))
 
 
@@ -69,9 +77,9 @@ class OPTDecoderLayer(nn.Module):
         self.self_attn_layer_norm = nn.LayerNorm(E, elementwise_affine=affine)
         self.self_attn = OPTAttention(config)
         self.final_layer_norm = nn.LayerNorm(E, elementwise_affine=affine)
-        self.fc1 = nn.Linear(E, config.ffn_dim, bias=config.enable_bias)
+        self.fc1 = ColumnParallelLinear(E, [config.ffn_dim], bias=config.enable_bias)
         self.act = get_activation(config.activation_function)
-        self.fc2 = nn.Linear(config.ffn_dim, E, bias=config.enable_bias)
+        self.fc2 = RowParallelLinear(config.ffn_dim, E, bias=config.enable_bias)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         if self.pre_norm:
@@ -81,14 +89,14 @@ class OPTDecoderLayer(nn.Module):
         return self.final_layer_norm(x + self.mlp(x))
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))  # (T, E) -> (T, ffn_dim) -> (T, E)
+        return self.fc2(self.act(self.fc1(x)))  # (T, E) -> (T, ffn_dim / N) -> (T, E)
 
 
 class OPTDecoder(nn.Module):
     def __init__(self, config) -> None:
         super().__init__()
         E, Ew = config.hidden_size, config.word_embed_proj_dim
-        self.embed_tokens = nn.Embedding(config.vocab_size, Ew)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, Ew)
         self.project_in = nn.Linear(Ew, E, bias=False) if Ew != E else None
         self.embed_positions = LearnedPositionEmbedding(config.max_position_embeddings, E, offset=POSITION_OFFSET)
         self.layers = nn.ModuleList(OPTDecoderLayer(config) for _ in range(config.num_hidden_layers))
@@ -119,15 +127,15 @@ class OPTForCausalLM(nn.Module):
         self.decoder = OPTDecoder(config)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
         if not self.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.word_embed_proj_dim, config.vocab_size, bias=False)
+            self.lm_head = ParallelLMHead(config.vocab_size, config.word_embed_proj_dim)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """(T,) token ids -> (T, word_embed_proj_dim) final hidden states."""
         return self.decoder(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.decoder.embed_tokens.weight if self.tie_word_embeddings else self.lm_head.weight
-        return hidden @ weight.t()
+        head = self.decoder.embed_tokens if self.tie_word_embeddings else self.lm_head
+        return head.logits(hidden)  # (T, vocab)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         skip = ("lm_head.weight",) if self.tie_word_embeddings else ()

@@ -15,7 +15,7 @@ KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 
 def bytes_per_block(config: ModelConfig, block_size: int) -> int:
     element = torch.empty(0, dtype=config.dtype).element_size()
-    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * element
+    return 2 * config.num_layers * block_size * config.num_local_kv_heads * config.head_dim * element
 
 
 def num_blocks_for(config: ModelConfig, args: EngineArgs, activation_bytes: int) -> int:
@@ -32,12 +32,13 @@ def num_blocks_for(config: ModelConfig, args: EngineArgs, activation_bytes: int)
 
 
 def allocate_kv_cache(config: ModelConfig, block_size: int, num_blocks: int) -> KVCaches:
-    """Per layer, K and V of shape [num_blocks, block_size, num_kv_heads, head_dim]."""
+    """Per layer, K and V of shape [num_blocks, block_size, num_kv_heads, head_dim], of this
+    rank's KV heads (tensor parallelism)."""
     if num_blocks == 0:
         raise RuntimeError(
             "no memory left for the KV cache: raise kv_cache_memory (CPU) or gpu_memory_utilization (GPU)"
         )
-    shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+    shape = (num_blocks, block_size, config.num_local_kv_heads, config.head_dim)
     return [
         (torch.zeros(shape, dtype=config.dtype, device=config.device), torch.zeros(shape, dtype=config.dtype, device=config.device))
         for _ in range(config.num_layers)

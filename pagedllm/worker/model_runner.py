@@ -19,7 +19,9 @@ import torch
 from pagedllm.attention import AttentionMetadata, get_attention_backend
 from pagedllm.config import EngineArgs
 from pagedllm.core.interface import ModelRunnerOutput, SchedulerOutput, ScheduledRequest, TokenLogprobs
+from pagedllm.distributed import SINGLE_RANK, TensorParallelGroup
 from pagedllm.layers.attention import bind_kv_cache
+from pagedllm.layers.parallel_sampler import RankZeroSampler
 from pagedllm.layers.sampler import Sampler, token_logprobs
 from pagedllm.loader.model_loader import LoadedModel
 from pagedllm.worker.cuda_graphs import DecodeGraphs
@@ -41,19 +43,22 @@ class StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, args: EngineArgs, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self, loaded: LoadedModel, args: EngineArgs, max_num_batched_tokens: int, tp: TensorParallelGroup = SINGLE_RANK
+    ) -> None:
+        """tp: the tensor-parallel group this runner is one rank of (the model was built for it)."""
         self.model = loaded.model
         self.config = loaded.config
         self.device = loaded.config.device
         self.block_size = args.block_size
         backend_name = args.attention_backend or ("triton" if self.device.startswith("cuda") else "torch")
         self.backend = get_attention_backend(backend_name)
-        self.sampler = Sampler(self.device)
+        self.sampler = Sampler(self.device) if tp.world_size == 1 else RankZeroSampler(Sampler(self.device), tp)
         self.requests: dict[str, RunnerRequestState] = {}
         activation_bytes = 0
         if self.device.startswith("cuda"):
             activation_bytes = self._profile_run(min(max_num_batched_tokens, self.config.max_model_len), args.max_num_seqs)
-        self.num_blocks = num_blocks_for(self.config, args, activation_bytes)
+        self.num_blocks = tp.min(num_blocks_for(self.config, args, activation_bytes))  # every rank: the same blocks
         self.kv_caches = allocate_kv_cache(self.config, self.block_size, self.num_blocks)
         bind_kv_cache(self.model, self.kv_caches, self.backend)
         self.graphs = None
