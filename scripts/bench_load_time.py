@@ -118,6 +118,8 @@ def child(side: str, model: str, dtype: str, device: str) -> dict:
         _sync(device)
         seconds = time.perf_counter() - start
         params = list(hf.parameters())
+    peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # of loading, before the read below
+    peak_gpu_gb = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
     # Reading every weight once: what a first forward pass needs. HF leaves safetensors weights
     # memory-mapped, so part of its loading happens here, at first use.
     start = time.perf_counter()
@@ -127,9 +129,9 @@ def child(side: str, model: str, dtype: str, device: str) -> dict:
     touch = time.perf_counter() - start
     num_params = sum(p.numel() for p in params)
     result = dict(side=side, seconds=round(seconds, 3), first_read_s=round(touch, 3), params_m=round(num_params / 1e6, 1))
-    result["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-    if device.startswith("cuda"):
-        result["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    result["peak_rss_gb"] = round(peak_rss_gb, 2)
+    if peak_gpu_gb is not None:
+        result["peak_gpu_gb"] = round(peak_gpu_gb, 2)
     return result
 
 
