@@ -154,21 +154,12 @@ def load_model(args: EngineArgs, tp: TensorParallelGroup = SINGLE_RANK) -> Loade
 
 @torch.no_grad()
 def _init_dummy_weights(model: nn.Module, seed: int) -> None:
-    """Random weights for speed measurements: N(0, 0.02), norms at 1 (throughput does not
-    depend on the values, but a sane scale keeps the numerics finite)."""
+    """Random weights for speed measurements: matrices N(0, 0.02), biases 0, norm scales 1
+    (throughput does not depend on the values; a sane scale keeps the numerics finite)."""
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    for name, param in model.named_parameters():
-        if param.dim() == 1:
-            param.fill_(1.0 if "norm" in name else 0.0)
-        else:
-            param.normal_(0.0, 0.02, generator=generator)
-
-
-def _read_chat_template(value: str) -> str:
-    """A chat template given inline or as the path of a file holding it."""
-    if os.path.isfile(value):
-        with open(value) as f:
-            return f.read()
-    if "{%" in value or "{{" in value:
-        return value
-    raise ValueError(f"chat_template {value!r} is neither a file nor a Jinja template")
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param.dim() > 1:
+                param.normal_(0.0, 0.02, generator=generator)
+            else:  # a norm's scale is 1, everything else (biases, a norm's shift) 0
+                param.fill_(1.0 if name == "weight" else 0.0)
