@@ -163,7 +163,7 @@ class AsyncEngineClient:
             self._die(EngineDeadError(_exit_message(self.process)))
         return self._dead
 
-    async def shutdown(self, timeout: float = 5.0) -> None:
+    async def shutdown(self, timeout: float = 2.0) -> None:
         """End the core process (asking first, then terminating) and fail what is still open."""
         self._output_task.cancel()
         if self.process.is_alive():
@@ -195,7 +195,12 @@ class AsyncEngineClient:
         stream = RequestStream(request_id, self, core_ids, timing)
         self._streams[request_id] = stream
         self._parent_of.update((core_id, request_id) for core_id in core_ids)
-        self._send(AddRequests(requests))
+        try:
+            self._send(AddRequests(requests))
+        except EngineDeadError:
+            self._forget(stream)
+            self.outputs.abort(request_id)
+            raise
         if self.stats_observer is not None:
             self.stats_observer.record_tokens(len(prompt_ids), 0)
         return stream
@@ -208,7 +213,10 @@ class AsyncEngineClient:
         live_core_ids = self.outputs.abort(request_id)
         logger.debug("aborting request %s (core ids %s)", request_id, live_core_ids)
         if live_core_ids and self._dead is None:
-            self._send(AbortRequests(live_core_ids))
+            try:
+                self._send(AbortRequests(live_core_ids))
+            except EngineDeadError:
+                pass  # nothing left to abort; the output loop reports the death
         self._report_finished(stream, "abort")
 
     def _send(self, message) -> None:

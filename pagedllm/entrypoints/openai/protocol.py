@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 MAX_LOGPROBS = 20  # alternatives per position, as OpenAI's top_logprobs allows
 
@@ -184,6 +184,10 @@ class ChatCompletionResponse(_Response):
 class Delta(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, handler):  # OpenAI sends {"content": "..."} and a last {}
+        return {key: value for key, value in handler(self).items() if value is not None}
 
 
 class ChatStreamChoice(_Response):

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: `pagedllm serve`, or `python -m pagedllm.entrypoints.openai.api_server`."""
