@@ -8,6 +8,10 @@ import pytest
 import torch
 
 os.environ.setdefault("PAGEDLLM_NO_PROGRESS", "1")
+if not torch.cuda.is_available():
+    # Triton kernels run through its interpreter here. Set before anything imports triton
+    # (transformers and accelerate may), since triton.jit reads it when a kernel is defined.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
