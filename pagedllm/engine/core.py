@@ -11,7 +11,7 @@ from pagedllm.core.block_manager import KVCacheManager
 from pagedllm.core.interface import EngineCoreOutput
 from pagedllm.core.request import Request
 from pagedllm.core.scheduler import Scheduler
-from pagedllm.loader.model_loader import load_model
+from pagedllm.executor import UniProcExecutor, make_executor
 from pagedllm.worker.kv_cache import bytes_per_block
 from pagedllm.worker.model_runner import ModelRunner
 
@@ -43,14 +43,15 @@ class EngineStats:
 
 class EngineCore:
     def __init__(self, args: EngineArgs) -> None:
-        loaded = load_model(args)
-        self.tokenizer = loaded.tokenizer
         device = args.resolved_device
         default_budget = 8192 if device.startswith("cuda") else 2048
         max_num_batched_tokens = args.max_num_batched_tokens or max(default_budget, args.max_num_seqs)
-        self.runner = ModelRunner(loaded, args, max_num_batched_tokens)
-        cache = CacheConfig(args.block_size, self.runner.num_blocks, args.enable_prefix_caching)
-        max_model_len = _fit_max_model_len(loaded.config.max_model_len, cache, args)
+        # The model, in this process or in one worker process per tensor-parallel rank.
+        self.executor = make_executor(args, max_num_batched_tokens)
+        model = self.executor.model_info  # config, tokenizer, EOS ids (the weights may be elsewhere)
+        self.tokenizer = model.tokenizer
+        cache = CacheConfig(args.block_size, self.executor.num_blocks, args.enable_prefix_caching)
+        max_model_len = _fit_max_model_len(model.config.max_model_len, cache, args)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=args.max_num_seqs,
@@ -60,10 +61,10 @@ class EngineCore:
             KVCacheManager(cache.num_blocks, cache.block_size, cache.enable_prefix_caching),
         )
         self.info = EngineInfo(
-            model_name=args.served_model_name or loaded.config.name,
+            model_name=args.served_model_name or model.config.name,
             max_model_len=max_model_len,
-            vocab_size=loaded.config.vocab_size,
-            eos_token_ids=frozenset(loaded.eos_token_ids),
+            vocab_size=model.config.vocab_size,
+            eos_token_ids=frozenset(model.eos_token_ids),
             cache=cache,
         )
         logger.info(
@@ -71,7 +72,7 @@ class EngineCore:
             cache.num_blocks,
             cache.block_size,
             cache.num_tokens,
-            cache.num_blocks * bytes_per_block(loaded.config, cache.block_size) / 2**30,
+            cache.num_blocks * bytes_per_block(model.config, cache.block_size) / 2**30,
             device,
             max_model_len,
             "on" if cache.enable_prefix_caching else "off",
@@ -91,8 +92,22 @@ class EngineCore:
             if while_running is not None:
                 while_running()
             return []
-        runner_output = self.runner.execute(scheduler_output, while_running)
+        runner_output = self.executor.execute(scheduler_output, while_running)
         return self.scheduler.update(scheduler_output, runner_output)
+
+    @property
+    def runner(self) -> ModelRunner:
+        """The in-process model runner (tensor_parallel_size 1), for tests and benchmarks."""
+        if not isinstance(self.executor, UniProcExecutor):
+            raise AttributeError("with tensor_parallel_size > 1 the model runners live in the worker processes")
+        return self.executor.runner
+
+    def check_health(self) -> None:
+        """Raise RuntimeError if the model's workers can no longer run steps."""
+        self.executor.check_health()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()

@@ -84,6 +84,8 @@ def _run(args: EngineArgs, inputs: zmq.Socket, outputs: zmq.Socket, parent_pid: 
         logger.error("engine core failed:\n%s", traceback.format_exc())
         outputs.send(encode(EngineDead(f"{type(e).__name__}: {e}")))
         return 1
+    finally:
+        core.shutdown()  # tensor-parallel workers
     return 0
 
 
@@ -108,6 +110,8 @@ class EngineCoreProc:
                 elif os.getppid() != self.parent_pid:
                     logger.warning("engine core: the server process is gone, exiting")
                     return
+                else:
+                    self.core.check_health()  # a tensor-parallel worker that died while idle: EngineDead now
                 continue
             step_start = time.monotonic()
             outputs = self.core.step()

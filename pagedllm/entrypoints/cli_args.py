@@ -37,7 +37,7 @@ ENGINE_HELP: dict[str, str] = {
     "enable_prefix_caching": "reuse the KV cache of shared prompt prefixes",
     "attention_backend": "torch or triton (default: triton on CUDA, torch elsewhere)",
     "enforce_eager": "GPU: no CUDA graphs",
-    "tensor_parallel_size": "GPUs to split the model over",
+    "tensor_parallel_size": "split the model over this many GPUs (or CPU processes), one worker process each",
     "chat_template": "chat template: a Jinja file or inline text (default: the tokenizer's)",
     "trust_remote_code": "allow the model's own code from its folder (transformers' trust_remote_code)",
     "load_format": "auto, or dummy: random weights from config.json alone (benchmarks)",

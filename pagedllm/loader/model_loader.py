@@ -134,7 +134,9 @@ def load_model(args: EngineArgs, tp: TensorParallelGroup = SINGLE_RANK) -> Loade
     if args.load_format == "dummy":
         _init_dummy_weights(model, args.seed)
     else:
-        weights = _with_progress(checkpoint.weights(dtype), checkpoint.num_tensors, "loading weights")
+        weights = checkpoint.weights(dtype)
+        if tp.rank == 0:  # one progress bar, whatever the number of ranks
+            weights = _with_progress(weights, checkpoint.num_tensors, "loading weights")
         model.load_weights((name, tensor.to(dtype)) for name, tensor in weights)
     model.eval().requires_grad_(False)
     tokenizer = _tokenizer(args, checkpoint)

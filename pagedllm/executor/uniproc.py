@@ -1,0 +1,28 @@
+"""One rank, in the engine core's own process: the model runner is called directly."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pagedllm.config import EngineArgs
+from pagedllm.core.interface import ModelRunnerOutput, SchedulerOutput
+from pagedllm.executor.abstract import Executor
+from pagedllm.loader.model_loader import load_model
+from pagedllm.worker.model_runner import ModelRunner
+
+
+class UniProcExecutor(Executor):
+    def __init__(self, args: EngineArgs, max_num_batched_tokens: int) -> None:
+        loaded = load_model(args)
+        self.model_info = loaded.info
+        self.runner = ModelRunner(loaded, args, max_num_batched_tokens)
+        self.num_blocks = self.runner.num_blocks
+
+    def execute(self, scheduler_output: SchedulerOutput, while_running: Callable[[], None] | None = None) -> ModelRunnerOutput:
+        return self.runner.execute(scheduler_output, while_running)
+
+    def check_health(self) -> None:
+        pass  # it runs in this process: if it is gone, so are we
+
+    def shutdown(self) -> None:
+        pass

@@ -1,0 +1,61 @@
+"""One tensor-parallel rank: its shard of the weights and of the KV cache, and the steps the
+driver sends it. Knows nothing about how it was started or how steps reach it, so the same
+class runs in a process of MultiprocExecutor and could run in a Ray actor."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import torch
+
+from pagedllm.config import EngineArgs
+from pagedllm.core.interface import ModelRunnerOutput, SchedulerOutput
+from pagedllm.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel
+from pagedllm.loader.model_loader import load_model
+from pagedllm.worker.model_runner import ModelRunner
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a rank needs to start (picklable: it crosses into the worker's process)."""
+
+    args: EngineArgs
+    rank: int
+    max_num_batched_tokens: int
+    store_host: str  # the driver's TCPStore, where the ranks meet
+    store_port: int
+
+    @property
+    def world_size(self) -> int:
+        return self.args.tensor_parallel_size
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec) -> None:
+        device = spec.args.resolved_device
+        if device.startswith("cuda"):
+            device = f"cuda:{spec.rank}"  # rank r on visible GPU r (choose GPUs with CUDA_VISIBLE_DEVICES)
+            torch.cuda.set_device(device)
+        else:  # N processes share the cores: threads beyond a fair share only contend
+            torch.set_num_threads(max(1, _num_cpus() // spec.world_size))
+        args = replace(spec.args, device=device, skip_tokenizer_init=True)  # the driver tokenizes
+        self.rank = spec.rank
+        self.tp = init_tensor_parallel(spec.rank, spec.world_size, spec.store_host, spec.store_port, device)
+        self.runner = ModelRunner(load_model(args, self.tp), args, spec.max_num_batched_tokens, self.tp)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.runner.num_blocks
+
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
+        """Every rank runs the step (the collectives need all of them); rank 0's output is the step's."""
+        output = self.runner.execute(scheduler_output)
+        return output if self.rank == 0 else None
+
+    def shutdown(self) -> None:
+        destroy_tensor_parallel()
+
+
+def _num_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
