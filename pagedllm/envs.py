@@ -1,18 +1,29 @@
 """Every environment variable pagedllm reads, in one place.
 
 Imported first by the package: OMP_WAIT_POLICY must be set before torch starts
-its OpenMP runtime.
+its OpenMP runtime. The PAGEDLLM_* values are read when used (module __getattr__),
+so a variable set after import still counts.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 # OpenMP threads that spin while waiting starve every other process on the cores:
 # the server's HTTP process, a second engine, the test runner. Measured on the 2-core
 # CI machine under load: bf16 decode 1.5 tok/s spinning vs 18 tok/s passive.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-PAGEDLLM_LOG_LEVEL = os.environ.get("PAGEDLLM_LOG_LEVEL", "INFO").upper()
-PAGEDLLM_NO_PROGRESS = os.environ.get("PAGEDLLM_NO_PROGRESS") == "1"  # no progress bars
-PAGEDLLM_API_KEY = os.environ.get("PAGEDLLM_API_KEY")
+_VARIABLES: dict[str, Callable[[], Any]] = {
+    "PAGEDLLM_LOG_LEVEL": lambda: os.environ.get("PAGEDLLM_LOG_LEVEL", "INFO").upper(),
+    "PAGEDLLM_NO_PROGRESS": lambda: os.environ.get("PAGEDLLM_NO_PROGRESS") == "1",  # no progress bars
+    "PAGEDLLM_API_KEY": lambda: os.environ.get("PAGEDLLM_API_KEY"),  # the server's --api-key default
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _VARIABLES:
+        return _VARIABLES[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -80,11 +80,6 @@ class BlockPool:
         block.block_hash = block_hash
         self.cached.setdefault(block_hash, block.block_id)
 
-    def reset_prefix_cache(self) -> None:
-        for block_id in self.free_queue:
-            self.blocks[block_id].block_hash = None
-        self.cached = {b.block_hash: b.block_id for b in self.blocks if b.block_hash is not None}
-
 
 class KVCacheManager:
     """Answers the scheduler: which blocks a request already has cached, and
@@ -108,9 +103,8 @@ class KVCacheManager:
     def usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
-    def block_ids(self, request_id: str, start: int = 0) -> list[int]:
-        """The request's block ids from table position `start` on."""
-        return [b.block_id for b in self.block_tables.get(request_id, ())[start:]]
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.block_tables.get(request_id, ())]
 
     def find_cached_prefix(self, request: Request) -> list[Block]:
         """The longest run of cached full blocks at the start of the request's tokens.

@@ -11,9 +11,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
+from pagedllm import envs
 from pagedllm.entrypoints.cli_args import API_KEY_ENV, add_engine_args, add_sampling_args, add_server_args
 
 
@@ -29,7 +29,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     chat = commands.add_parser("chat", help="chat in the terminal", description="Chat in the terminal, with a running server (--url) or an engine in this process.")
     chat.add_argument("--url", default=None, help="base URL of a running server, e.g. http://127.0.0.1:8000 (default: none, run the engine here)")
-    chat.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=f"API key of the server (default: ${API_KEY_ENV})")
+    chat.add_argument("--api-key", default=envs.PAGEDLLM_API_KEY, help=f"API key of the server (default: ${API_KEY_ENV})")
     chat.add_argument("--system", default=None, help="system prompt (default: none)")
     add_sampling_args(chat, max_tokens=512)
     add_engine_args(chat, model_positional=True)

@@ -9,10 +9,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import MISSING, fields
 from typing import Any
 
+from pagedllm import envs
 from pagedllm.config import DTYPES, EngineArgs
 from pagedllm.sampling_params import SamplingParams
 
@@ -102,7 +102,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     group.add_argument(
         "--api-key",
-        default=os.environ.get(API_KEY_ENV),
+        default=envs.PAGEDLLM_API_KEY,
         help=f"require 'Authorization: Bearer KEY' on the API routes; /health, /version and /metrics stay open "
         f"(default: ${API_KEY_ENV}, else none)",
     )
