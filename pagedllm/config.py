@@ -12,11 +12,8 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any
 
-import torch
-
-from pagedllm.distributed.parallel_state import shard_range
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# No torch here: the scheduler and the server process import this module.
+DTYPES = ("float32", "bfloat16", "float16")  # torch.<name>
 _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -34,7 +31,17 @@ def parse_memory_size(value: int | float | str) -> int:
 
 
 def default_device() -> str:
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def shard_range(num_units: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, end) of rank's units when num_units split as evenly as they can: the first
+    num_units % world_size ranks hold one more. 9 heads over 2 ranks: [0, 5) and [5, 9)."""
+    base, extra = divmod(num_units, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,7 @@ class EngineArgs:
     trust_remote_code: bool = False
     load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarks)
     skip_tokenizer_init: bool = False  # token-id prompts only; outputs carry no text
+    async_scheduling: str = "auto"  # on: schedule step N+1 while the device runs step N; auto = on
 
     def __post_init__(self) -> None:
         dtype = _DTYPE_ALIASES.get(self.dtype, self.dtype)
@@ -87,12 +95,18 @@ class EngineArgs:
             raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
+        if self.async_scheduling not in ("auto", "on", "off"):
+            raise ValueError(f"async_scheduling must be auto, on or off, got {self.async_scheduling!r}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
 
     @property
     def resolved_device(self) -> str:
         return default_device() if self.device == "auto" else self.device
+
+    @property
+    def resolved_async_scheduling(self) -> bool:
+        return self.async_scheduling != "off"
 
     @property
     def kv_cache_memory_bytes(self) -> int:
@@ -114,7 +128,7 @@ class ModelConfig:
     name: str  # what the user named (or the bundled model's name)
     source: str  # where its files were found, for the start-up log
     hf_config: Any  # transformers PretrainedConfig
-    dtype: torch.dtype
+    dtype: Any  # torch.dtype
     device: str
     max_model_len: int
     tensor_parallel_size: int = 1

@@ -62,6 +62,12 @@ class SamplingParams:
             raise ValueError("stop must not contain empty strings")
 
     @property
+    def needs_output_history(self) -> bool:
+        """Sampling reads every earlier output token (penalties): the engine cannot sample
+        this request's next token before it has read the previous one back."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 

@@ -97,6 +97,7 @@ def test_sequence_budget_limits_the_batch():
         s.add_request(make_request(f"r{i}", 3))
     so = s.schedule()
     assert len(so.scheduled) == 2 and s.num_waiting == 3
+    s.update(so, fake_run(so, s))
     finished, _ = run_to_end(s)
     assert len(finished) == 5
 

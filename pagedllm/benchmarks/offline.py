@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="engine on GPU (default: 0.85)")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--attention-backend", default=None, help="torch or triton (default: by device)")
+    parser.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto",
+                        help="engine: schedule step N+1 while step N runs (default: auto)")
     parser.add_argument("--output-json", default=None, help="append one JSON line per figure to this file")
 
 
@@ -49,6 +51,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     options = dict(
         dtype=args.dtype, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         enforce_eager=args.enforce_eager, attention_backend=args.attention_backend, seed=0,
+        async_scheduling=args.async_scheduling,
     )
     if gpu:
         options["gpu_memory_utilization"] = args.gpu_memory_utilization
@@ -95,7 +98,7 @@ def main(args: argparse.Namespace) -> list[dict]:
                 peer_name, peer = "hf generate", peers.hf_generate(hf, w, device, args.peer_batch_size)
         result = dict(
             workload=w.name, model=args.model_config or core.info.model_name, dtype=str(dtype).removeprefix("torch."),
-            machine=machine, startup_s=round(startup, 2), seconds=round(ours, 3),
+            machine=machine, async_scheduling=core.async_scheduling, startup_s=round(startup, 2), seconds=round(ours, 3),
             output_tok_s=round(w.num_output_tokens / ours, 1),
             total_tok_s=round((w.num_output_tokens + w.num_prompt_tokens) / ours, 1),
             ms_per_step=round(ours / w.output_lens[0] * 1000, 2),
@@ -130,7 +133,8 @@ def run_ours(llm, w: Workload, device: str) -> float:
 
 
 def _report(result: dict, path: str | None) -> None:
-    line = f"{result['workload']} {result['model']} {result['dtype']}: {result['output_tok_s']} output tok/s, " \
+    line = f"{result['workload']} {result['model']} {result['dtype']} async={result['async_scheduling']}: " \
+           f"{result['output_tok_s']} output tok/s, " \
            f"{result['ms_per_step']} ms/step"
     if "mfu" in result:
         line += f", MFU {result['mfu']:.1%}"

@@ -151,8 +151,11 @@ class KVCacheManager:
             new_blocks = list(cached) + [self.pool.allocate() for _ in range(max(num_needed, 0))]
             table.extend(new_blocks)
             added = [b.block_id for b in new_blocks]
-        if self.enable_prefix_caching and num_tokens // self.block_size > len(self.block_hashes.get(request_id, ())):
-            self._register_full_blocks(request, table, num_tokens)
+        # Only blocks whose token ids are all known: a token still in flight (asynchronous
+        # scheduling) is hashed with its block at a later allocation.
+        num_known = min(num_tokens, request.num_tokens)
+        if self.enable_prefix_caching and num_known // self.block_size > len(self.block_hashes.get(request_id, ())):
+            self._register_full_blocks(request, table, num_known)
         return added
 
     def _register_full_blocks(self, request: Request, table: list[Block], num_tokens: int) -> None:

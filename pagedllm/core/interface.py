@@ -1,10 +1,14 @@
-"""Typed objects that cross the scheduler -> model runner -> scheduler boundary."""
+"""Typed objects that cross the scheduler -> model runner -> scheduler boundary.
+
+Plain data only (lists, numpy arrays): they are pickled between processes (tensor-parallel
+workers, the engine process and the server), and the scheduler side imports no torch.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 from pagedllm.sampling_params import SamplingParams
 
@@ -22,7 +26,7 @@ class NewRequestData:
 @dataclass(slots=True)
 class ScheduledRequest:
     request_id: str
-    num_computed_tokens: int  # tokens already in the KV cache
+    num_computed_tokens: int  # tokens whose KV is in the cache (or being written by the step in flight)
     num_scheduled_tokens: int  # tokens to run this step
     new_block_ids: list[int]  # appended to the runner's copy of the block table
 
@@ -43,9 +47,9 @@ class SchedulerOutput:
 class TokenLogprobs:
     """Logprobs at some positions: the chosen token first, then the top-k alternatives."""
 
-    token_ids: torch.Tensor  # [N, 1 + k] int64
-    logprobs: torch.Tensor  # [N, 1 + k] float32
-    ranks: torch.Tensor  # [N] int64, rank of the chosen token (1 = most likely)
+    token_ids: np.ndarray  # [N, 1 + k] int64
+    logprobs: np.ndarray  # [N, 1 + k] float32
+    ranks: np.ndarray  # [N] int64, rank of the chosen token (1 = most likely)
 
 
 @dataclass

@@ -31,6 +31,9 @@ class Request:
     # prompt + generated tokens; the KV of the first num_computed_tokens is in the cache.
     all_token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
+    # Tokens sampled by a step still in flight: their ids are on the device, not yet here
+    # (0 or 1; asynchronous scheduling runs the next step on them before they are known).
+    num_output_placeholders: int = 0
     num_cached_tokens: int = -1  # prefix-cache hit when first scheduled; -1 until then
     stop_reason: int | str | None = None
     num_preemptions: int = 0

@@ -39,6 +39,9 @@ class Scheduler:
         self.running: list[Request] = []
         self._dropped: set[str] = set()
         self.num_preemptions = 0
+        # Unfinished requests whose sampling reads their whole output (penalties): while there
+        # are any, the engine finishes each step before scheduling the next.
+        self.num_history_dependent = 0
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -49,6 +52,7 @@ class Scheduler:
         check_fits(request.num_prompt_tokens, request.max_tokens, self.config.max_model_len)
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        self.num_history_dependent += request.sampling_params.needs_output_history
 
     def abort(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
@@ -67,7 +71,13 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if self._will_finish_by_length(request):  # its in-flight step ends it: nothing to run
+                i += 1
+                continue
+            num_new = min(request.num_tokens + request.num_output_placeholders - request.num_computed_tokens, budget)
+            if num_new <= 0:
+                i += 1
+                continue
             while (new_block_ids := self.kv.allocate_slots(request, num_new)) is None:
                 victim = self.running.pop()  # the most recently admitted
                 self._preempt(victim)
@@ -76,6 +86,7 @@ class Scheduler:
                     break
             else:
                 scheduled.append(ScheduledRequest(request.request_id, request.num_computed_tokens, num_new, new_block_ids))
+                self._advance(request, num_new)
                 budget -= num_new
                 i += 1
 
@@ -104,6 +115,7 @@ class Scheduler:
                 )
             )
             scheduled.append(ScheduledRequest(request.request_id, num_cached, num_new, block_ids))
+            self._advance(request, num_new)
             budget -= num_new
 
         dropped, self._dropped = self._dropped, set()
@@ -115,21 +127,27 @@ class Scheduler:
         )
 
     def update(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
-        """Account the computed tokens, append sampled ones, finish what should stop."""
+        """Append the step's sampled tokens and finish what should stop. (The step's tokens
+        were counted as computed when it was scheduled.)
+
+        A request may have finished or been aborted since the step was scheduled (its next
+        step was already in flight): its token is dropped here and reaches no output. One
+        preempted since keeps its token: it was sampled from a complete context."""
         outputs: list[EngineCoreOutput] = []
         requests, sampled, logprobs = self.requests, runner_output.sampled_token_ids, runner_output.logprobs
         all_prompt_logprobs = runner_output.prompt_logprobs
         for s in scheduler_output.scheduled:
             request = requests.get(s.request_id)
-            if request is None or request.status is not RequestStatus.RUNNING:
-                continue  # aborted or preempted since it was scheduled
-            request.num_computed_tokens += s.num_scheduled_tokens
+            if request is None:
+                continue  # finished or aborted since it was scheduled
             prompt_logprobs = all_prompt_logprobs.get(s.request_id) if all_prompt_logprobs else None
             token = sampled.get(s.request_id)
             if token is None:  # a prefill chunk that did not reach the end of the prompt
                 if prompt_logprobs is not None:
                     outputs.append(EngineCoreOutput(s.request_id, [], prompt_logprobs=prompt_logprobs))
                 continue
+            if request.num_output_placeholders:
+                request.num_output_placeholders -= 1
             request.all_token_ids.append(token)
             status = self._stop_status(request, token)
             outputs.append(
@@ -160,10 +178,26 @@ class Scheduler:
             return RequestStatus.FINISHED_LENGTH
         return None
 
+    def _advance(self, request: Request, num_new: int) -> None:
+        """Count the step's tokens as computed now, so the next step can be scheduled while
+        this one runs; a step that reaches the last token samples one more (a placeholder
+        until its id comes back)."""
+        request.num_computed_tokens += num_new
+        if request.num_computed_tokens == request.num_tokens + request.num_output_placeholders:
+            request.num_output_placeholders += 1
+
+    def _will_finish_by_length(self, request: Request) -> bool:
+        """The token in flight is the request's last (max_tokens or max_model_len)."""
+        if not request.num_output_placeholders:
+            return False
+        num_tokens = request.num_tokens + request.num_output_placeholders
+        return num_tokens - request.num_prompt_tokens >= request.max_tokens or num_tokens >= self.config.max_model_len
+
     def _preempt(self, request: Request) -> None:
         self.kv.free(request.request_id)
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
+        request.num_output_placeholders = 0  # a token in flight still arrives, in update()
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
@@ -178,6 +212,7 @@ class Scheduler:
             self.waiting.remove(request)
         del self.requests[request.request_id]
         self._dropped.add(request.request_id)
+        self.num_history_dependent -= request.sampling_params.needs_output_history
 
     # -- state -------------------------------------------------------------------------------------
 

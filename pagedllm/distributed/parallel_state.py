@@ -25,6 +25,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from pagedllm.config import shard_range  # noqa: F401  (re-exported: the layers split by it)
+
 logger = logging.getLogger("pagedllm")
 
 # How long a rank waits for the others at the rendezvous (a slow rank may still be loading torch).
@@ -71,14 +73,6 @@ class TensorParallelGroup:
 
 
 SINGLE_RANK = TensorParallelGroup()
-
-
-def shard_range(num_units: int, rank: int, world_size: int) -> tuple[int, int]:
-    """[start, end) of rank's units when num_units split as evenly as they can: the first
-    num_units % world_size ranks hold one more. 9 heads over 2 ranks: [0, 5) and [5, 9)."""
-    base, extra = divmod(num_units, world_size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (rank < extra)
 
 
 def backend_for(device: str) -> str:

@@ -27,7 +27,6 @@ import zmq
 import zmq.asyncio
 
 from pagedllm.config import EngineArgs
-from pagedllm.engine.core import EngineInfo, EngineStats
 from pagedllm.engine.core_proc import run_engine_core
 from pagedllm.engine.input_processor import InputProcessor, Prompt
 from pagedllm.engine.messages import (
@@ -35,7 +34,9 @@ from pagedllm.engine.messages import (
     AddRequests,
     CoreOutputs,
     EngineDead,
+    EngineInfo,
     EngineReady,
+    EngineStats,
     RequestFailed,
     Shutdown,
     decode,

@@ -1,44 +1,37 @@
-"""EngineCore: the model, the KV cache and the scheduler; one step at a time."""
+"""EngineCore: the model, the KV cache and the scheduler, stepping with up to two steps in
+flight (asynchronous scheduling).
+
+    step():   schedule N+1 ──► launch N+1 ──► finish N (update) ──► (grammar masks) ──► sample N+1
+    device:   ... N computes ........ N+1 computes ...............................
+
+Step N+1 is scheduled as if every request of step N produced its token; the sampled ids stay
+on the device and feed step N+1 there. Step N's tokens reach the scheduler in the same call,
+one step late. A request that finishes in step N had a token for N+1 computed too: update()
+drops it (it never reaches an output), and its blocks are free for steps launched after N+1.
+Aborts arrive between steps (the front end calls abort() between calls of step()).
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from pagedllm.config import CacheConfig, EngineArgs, SchedulerConfig
 from pagedllm.core.block_manager import KVCacheManager
-from pagedllm.core.interface import EngineCoreOutput
+from pagedllm.core.interface import EngineCoreOutput, SchedulerOutput
 from pagedllm.core.request import Request
 from pagedllm.core.scheduler import Scheduler
+from pagedllm.engine.messages import EngineCoreRequest, EngineInfo, EngineStats
 from pagedllm.executor import UniProcExecutor, make_executor
-from pagedllm.worker.kv_cache import bytes_per_block
-from pagedllm.worker.model_runner import ModelRunner
+from pagedllm.executor.abstract import StepFuture
 
 logger = logging.getLogger("pagedllm")
 
 
-@dataclass(frozen=True)
-class EngineInfo:
-    """What a front end needs to know about a running core (it may live in another process)."""
-
-    model_name: str
-    max_model_len: int
-    vocab_size: int
-    eos_token_ids: frozenset[int]
-    cache: CacheConfig
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot for metrics; the prefix-cache and preemption figures are running totals."""
-
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float  # fraction of blocks in use
-    prefix_cache_queries: int  # tokens looked up
-    prefix_cache_hits: int  # tokens found
-    num_preemptions: int
+@dataclass
+class InFlightStep:
+    scheduler_output: SchedulerOutput
+    future: StepFuture
 
 
 class EngineCore:
@@ -51,6 +44,8 @@ class EngineCore:
         model = self.executor.model_info  # config, tokenizer, EOS ids (the weights may be elsewhere)
         self.tokenizer = model.tokenizer
         cache = CacheConfig(args.block_size, self.executor.num_blocks, args.enable_prefix_caching)
+        self.async_scheduling = args.resolved_async_scheduling
+        self.in_flight: InFlightStep | None = None
         max_model_len = _fit_max_model_len(model.config.max_model_len, cache, args)
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -72,31 +67,53 @@ class EngineCore:
             cache.num_blocks,
             cache.block_size,
             cache.num_tokens,
-            cache.num_blocks * bytes_per_block(model.config, cache.block_size) / 2**30,
+            self.executor.kv_cache_bytes(cache.block_size) / 2**30,
             device,
             max_model_len,
             "on" if cache.enable_prefix_caching else "off",
         )
 
-    def add_request(self, request: Request) -> None:
-        self.scheduler.add_request(request)
+    def add_request(self, request: EngineCoreRequest) -> Request:
+        """Queue a request (ValueError if it can never run); returns the scheduler's state of it."""
+        core_request = Request(request.request_id, request.prompt_token_ids, request.sampling_params, request.arrival_time)
+        self.scheduler.add_request(core_request)
+        return core_request
 
     def abort(self, request_ids: list[str]) -> None:
+        """Between steps only. A request with a step in flight is freed now: steps run in
+        order on the device, so nothing launched later can see its blocks before that step
+        is done, and its token is dropped when the step is finished."""
         self.scheduler.abort(request_ids)
 
-    def step(self, while_running: Callable[[], None] | None = None) -> list[EngineCoreOutput]:
-        """schedule -> execute -> update. `while_running` is called while the device
-        computes the step (the front end processes the previous step's outputs there)."""
+    def step(self) -> list[EngineCoreOutput]:
+        """Launch the next step, then finish the one in flight and return its outputs."""
+        if self.in_flight is not None and not self._can_overlap():
+            outputs = self._finish_in_flight()  # this step's sampling needs its tokens first
+        else:
+            outputs = []
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.empty:
-            if while_running is not None:
-                while_running()
+            return outputs + self._finish_in_flight()
+        self.executor.execute_model(scheduler_output)
+        outputs += self._finish_in_flight()
+        self.in_flight = InFlightStep(scheduler_output, self.executor.sample_tokens())
+        if not self.async_scheduling:
+            outputs += self._finish_in_flight()
+        return outputs
+
+    def _finish_in_flight(self) -> list[EngineCoreOutput]:
+        if self.in_flight is None:
             return []
-        runner_output = self.executor.execute(scheduler_output, while_running)
-        return self.scheduler.update(scheduler_output, runner_output)
+        step, self.in_flight = self.in_flight, None
+        return self.scheduler.update(step.scheduler_output, step.future.result())
+
+    def _can_overlap(self) -> bool:
+        """Whether the next step can be scheduled before the one in flight is finished: not
+        when a running request samples from its whole output so far (penalties)."""
+        return not self.scheduler.num_history_dependent
 
     @property
-    def runner(self) -> ModelRunner:
+    def runner(self):
         """The in-process model runner (tensor_parallel_size 1), for tests and benchmarks."""
         if not isinstance(self.executor, UniProcExecutor):
             raise AttributeError("with tensor_parallel_size > 1 the model runners live in the worker processes")
@@ -110,7 +127,7 @@ class EngineCore:
         self.executor.shutdown()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.in_flight is not None or self.scheduler.has_unfinished_requests()
 
     def stats(self) -> EngineStats:
         kv = self.scheduler.kv

@@ -18,12 +18,11 @@ import signal
 import sys
 import time
 import traceback
+from typing import TYPE_CHECKING
 
 import zmq
 
 from pagedllm.config import EngineArgs
-from pagedllm.core.request import Request
-from pagedllm.engine.core import EngineCore
 from pagedllm.engine.messages import (
     AbortRequests,
     AddRequests,
@@ -36,6 +35,10 @@ from pagedllm.engine.messages import (
     encode,
 )
 from pagedllm.logger import init_logging
+
+if TYPE_CHECKING:
+    from pagedllm.core.request import Request
+    from pagedllm.engine.core import EngineCore
 
 logger = logging.getLogger("pagedllm")
 
@@ -68,6 +71,10 @@ def run_engine_core(args: EngineArgs, input_address: str, output_address: str, p
 
 def _run(args: EngineArgs, inputs: zmq.Socket, outputs: zmq.Socket, parent_pid: int) -> int:
     """Load, report ready, loop; any failure is reported as EngineDead. Returns the exit code."""
+    # Imported here, in the engine process: the server process imports this module to name
+    # the entry point, and must not load the model code.
+    from pagedllm.engine.core import EngineCore
+
     try:
         core = EngineCore(args)
     except (ValueError, OSError) as e:  # a bad option or model: the message says what to do
@@ -132,11 +139,9 @@ class EngineCoreProc:
         if isinstance(message, AddRequests):
             for request in message.requests:
                 try:
-                    self.core.add_request(request)
+                    self.not_yet_scheduled[request.request_id] = self.core.add_request(request)
                 except ValueError as e:
                     self._send(RequestFailed(request.request_id, str(e)))
-                    continue
-                self.not_yet_scheduled[request.request_id] = request
         elif isinstance(message, AbortRequests):
             logger.debug("engine core: aborting %s", message.request_ids)
             self.core.abort(message.request_ids)

@@ -1,4 +1,4 @@
-"""Turns a user's prompt and SamplingParams into core Requests (tokenize, resolve
+"""Turns a user's prompt and SamplingParams into EngineCoreRequests (tokenize, resolve
 defaults, refuse what can never fit)."""
 
 from __future__ import annotations
@@ -6,8 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from pagedllm.core.limits import check_fits
-from pagedllm.core.request import Request
-from pagedllm.engine.core import EngineInfo
+from pagedllm.engine.messages import EngineCoreRequest, EngineInfo
 from pagedllm.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -39,11 +38,11 @@ class InputProcessor:
         check_fits(num_prompt_tokens, max_tokens, max_len)
         return replace(params, max_tokens=max_tokens, all_stop_token_ids=stop_ids)
 
-    def make_requests(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> list[Request]:
+    def make_requests(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> list[EngineCoreRequest]:
         """One core request per completion; n > 1 fans out into children `i_<id>`."""
         if params.n == 1:
-            return [Request(request_id, prompt_ids, params)]
-        return [Request(child_id(request_id, i), prompt_ids, params.for_child(i)) for i in range(params.n)]
+            return [EngineCoreRequest(request_id, prompt_ids, params)]
+        return [EngineCoreRequest(child_id(request_id, i), prompt_ids, params.for_child(i)) for i in range(params.n)]
 
 
 def child_id(request_id: str, index: int) -> str:

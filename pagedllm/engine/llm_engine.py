@@ -4,7 +4,6 @@ the offline LLM class. add_request -> step() until done."""
 from __future__ import annotations
 
 from pagedllm.config import EngineArgs
-from pagedllm.core.interface import EngineCoreOutput
 from pagedllm.engine.core import EngineCore
 from pagedllm.engine.input_processor import InputProcessor, Prompt
 from pagedllm.engine.output_processor import OutputProcessor
@@ -19,7 +18,6 @@ class LLMEngine:
         self.tokenizer = self.core.tokenizer
         self.inputs = InputProcessor(self.tokenizer, self.core.info)
         self.outputs = OutputProcessor(self.tokenizer)
-        self._pending: list[EngineCoreOutput] = []  # core outputs not yet processed
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams) -> None:
         text, prompt_ids = self.inputs.tokenize(prompt)
@@ -30,22 +28,15 @@ class LLMEngine:
             self.core.add_request(request)
 
     def step(self) -> list[RequestOutput]:
-        """One engine step. Outputs lag one step behind: the core outputs of step N are
-        turned into RequestOutputs while the device computes step N + 1."""
-        previous, self._pending = self._pending, []
-        changed: list[RequestOutput] = []
-
-        def process_previous() -> None:
-            nonlocal changed
-            changed, stopped = self.outputs.process(previous)
-            if stopped:  # stop strings: the core aborts them (freeing their blocks)
-                self.core.abort(stopped)
-
-        self._pending = self.core.step(process_previous)
+        """One engine step: the core launches the next step and returns the outputs of the
+        one before, which are turned into RequestOutputs while the device computes."""
+        changed, stopped = self.outputs.process(self.core.step())
+        if stopped:  # stop strings: the core aborts them (freeing their blocks)
+            self.core.abort(stopped)
         return changed
 
     def abort_request(self, request_id: str) -> None:
         self.core.abort(self.outputs.abort(request_id))
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._pending) or self.core.has_unfinished_requests() or self.outputs.has_unfinished()
+        return self.core.has_unfinished_requests() or self.outputs.has_unfinished()

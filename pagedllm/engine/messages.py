@@ -10,20 +10,58 @@ carry pickled dataclasses: the peers are two processes of one program on one mac
 from __future__ import annotations
 
 import pickle
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from pagedllm.config import CacheConfig
 from pagedllm.core.interface import EngineCoreOutput
-from pagedllm.core.request import Request
-from pagedllm.engine.core import EngineInfo, EngineStats
+from pagedllm.sampling_params import SamplingParams
+
+# -- what the core says about itself --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What a front end needs to know about a running core (it may live in another process)."""
+
+    model_name: str
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: frozenset[int]
+    cache: CacheConfig
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for metrics; the prefix-cache and preemption figures are running totals."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of blocks in use
+    prefix_cache_queries: int  # tokens looked up
+    prefix_cache_hits: int  # tokens found
+    num_preemptions: int
+
 
 
 # -- front end -> core ----------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
+class EngineCoreRequest:
+    """A request as the front end hands it over: tokenized, params resolved (n > 1 already
+    fanned out into children). The core builds its own scheduler state from it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
 class AddRequests:
-    requests: list[Request]  # tokenized, params resolved; n > 1 already fanned out
+    requests: list[EngineCoreRequest]
 
 
 @dataclass(frozen=True)

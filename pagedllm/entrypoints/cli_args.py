@@ -42,11 +42,13 @@ ENGINE_HELP: dict[str, str] = {
     "trust_remote_code": "allow the model's own code from its folder (transformers' trust_remote_code)",
     "load_format": "auto, or dummy: random weights from config.json alone (benchmarks)",
     "skip_tokenizer_init": "no tokenizer: token-id prompts only, outputs carry no text",
+    "async_scheduling": "on: prepare step N+1 while the device computes step N (outputs are the same); auto = on",
 }
 ENGINE_CHOICES: dict[str, list[str]] = {
     "dtype": ["auto", *DTYPES],
     "attention_backend": ["torch", "triton"],
     "load_format": ["auto", "dummy"],
+    "async_scheduling": ["auto", "on", "off"],
 }
 
 SAMPLING_HELP: dict[str, str] = {

@@ -1,7 +1,7 @@
 """MultiprocExecutor: one process per tensor-parallel rank, driven by the engine core.
 
     engine core (driver, holds no rank)              worker processes, ranks 0 .. N-1
-      execute(step) -- pickled SchedulerOutput --->  every rank: runner.execute(step)
+      sample_tokens(step) -- pickled RunStep ----->  every rank: runner.execute(step)
                                                      (all-reduces / all-gathers among the ranks)
                     <-- ModelRunnerOutput ---------  rank 0 only: the step's tokens, once
                     <-- WorkerFailed --------------  any rank whose step raised; it then exits
@@ -30,8 +30,9 @@ import threading
 import time
 import traceback
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 from multiprocessing.connection import Connection
 
 import torch
@@ -40,7 +41,7 @@ from tqdm import tqdm
 
 from pagedllm.config import EngineArgs
 from pagedllm.core.interface import ModelRunnerOutput, SchedulerOutput
-from pagedllm.executor.abstract import Executor
+from pagedllm.executor.abstract import Executor, StepFuture
 from pagedllm.executor.worker import Worker, WorkerSpec
 from pagedllm.loader.model_loader import describe_model
 from pagedllm.logger import init_logging
@@ -70,6 +71,12 @@ class WorkerFailed:
     exception: str  # its type's name
     message: str
     traceback: str
+
+
+@dataclass(frozen=True)
+class RunStep:
+    scheduler_output: SchedulerOutput
+    grammar_bitmask: Any  # numpy int32 [rows, words] or None
 
 
 @dataclass(frozen=True)
@@ -127,24 +134,29 @@ class MultiprocExecutor(Executor):
             _stop_workers(self._workers, timeout=0.0)
             raise
         self.num_blocks = min(message.num_blocks for message in ready.values())
+        self._pending: SchedulerOutput | None = None
         logger.info(
             "tensor parallel: %d worker processes (%s, %s) ready in %.1f s",
             world_size, "NCCL" if args.resolved_device.startswith("cuda") else "gloo",
             ", ".join(str(w.process.pid) for w in self._workers), time.perf_counter() - start,
         )
 
-    def execute(self, scheduler_output: SchedulerOutput, while_running: Callable[[], None] | None = None) -> ModelRunnerOutput:
+    def execute_model(self, scheduler_output: SchedulerOutput) -> None:
+        # Sent with the sampling call: the workers run a whole step per message, while
+        # this process (the engine core) prepares the next one.
+        self._pending = scheduler_output
+
+    def sample_tokens(self, grammar_bitmask=None) -> StepFuture:
         if self._error is not None:
             raise self._error
-        payload = pickle.dumps(scheduler_output, protocol=pickle.HIGHEST_PROTOCOL)
+        payload = pickle.dumps(RunStep(self._pending, grammar_bitmask), protocol=pickle.HIGHEST_PROTOCOL)
+        self._pending = None
         for worker in self._workers:
             try:
                 worker.conn.send_bytes(payload)
             except OSError:  # its end is closed: it died (its sentinel says how)
                 self._fail()
-        if while_running is not None:
-            while_running()
-        return self._collect([0])[0]
+        return _RankZeroReply(self)
 
     def check_health(self) -> None:
         if self._error is not None:
@@ -212,6 +224,16 @@ class MultiprocExecutor(Executor):
             sentinels[sentinel].process.join(1.0)
 
 
+class _RankZeroReply:
+    """The step's output, as rank 0 sends it (steps are answered in order)."""
+
+    def __init__(self, executor: MultiprocExecutor) -> None:
+        self.executor = executor
+
+    def result(self) -> ModelRunnerOutput:
+        return self.executor._collect([0])[0]
+
+
 def _check_devices(device: str, world_size: int) -> None:
     if device.startswith("cuda") and torch.cuda.device_count() < world_size:
         raise ValueError(
@@ -267,7 +289,7 @@ def _worker_main(spec: WorkerSpec, conn: Connection) -> None:
             message = pickle.loads(conn.recv_bytes())
             if isinstance(message, StopWorker):
                 break
-            output = worker.execute(message)
+            output = worker.execute(message.scheduler_output, message.grammar_bitmask)
             if output is not None:
                 conn.send_bytes(pickle.dumps(output, protocol=pickle.HIGHEST_PROTOCOL))
     except EOFError:  # the driver closed its end: it is gone

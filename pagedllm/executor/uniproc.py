@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from pagedllm.config import EngineArgs
-from pagedllm.core.interface import ModelRunnerOutput, SchedulerOutput
-from pagedllm.executor.abstract import Executor
+from pagedllm.core.interface import SchedulerOutput
+from pagedllm.executor.abstract import Executor, StepFuture
 from pagedllm.loader.model_loader import load_model
 from pagedllm.worker.model_runner import ModelRunner
 
@@ -18,8 +16,11 @@ class UniProcExecutor(Executor):
         self.runner = ModelRunner(loaded, args, max_num_batched_tokens)
         self.num_blocks = self.runner.num_blocks
 
-    def execute(self, scheduler_output: SchedulerOutput, while_running: Callable[[], None] | None = None) -> ModelRunnerOutput:
-        return self.runner.execute(scheduler_output, while_running)
+    def execute_model(self, scheduler_output: SchedulerOutput) -> None:
+        self.runner.execute_model(scheduler_output)
+
+    def sample_tokens(self, grammar_bitmask=None) -> StepFuture:
+        return self.runner.sample_tokens(grammar_bitmask)
 
     def check_health(self) -> None:
         pass  # it runs in this process: if it is gone, so are we

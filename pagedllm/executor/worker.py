@@ -48,9 +48,10 @@ class Worker:
     def num_blocks(self) -> int:
         return self.runner.num_blocks
 
-    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
+    def execute(self, scheduler_output: SchedulerOutput, grammar_bitmask=None) -> ModelRunnerOutput | None:
         """Every rank runs the step (the collectives need all of them); rank 0's output is the step's."""
-        output = self.runner.execute(scheduler_output)
+        self.runner.execute_model(scheduler_output)
+        output = self.runner.sample_tokens(grammar_bitmask).result()
         return output if self.rank == 0 else None
 
     def shutdown(self) -> None:

@@ -14,7 +14,16 @@ from dataclasses import dataclass
 
 import torch
 
-from pagedllm.core.interface import TokenLogprobs
+
+
+@dataclass
+class DeviceTokenLogprobs:
+    """Logprobs at some positions, on the device: the chosen token first, then the top-k
+    alternatives (core.interface.TokenLogprobs is the host copy)."""
+
+    token_ids: torch.Tensor  # [N, 1 + k] int64
+    logprobs: torch.Tensor  # [N, 1 + k] float32
+    ranks: torch.Tensor  # [N] int64, rank of the chosen token (1 = most likely)
 
 
 @dataclass
@@ -39,10 +48,10 @@ class SamplingBatch:
 @dataclass
 class SamplerOutput:
     sampled_token_ids: torch.Tensor  # [B] int64
-    logprobs: TokenLogprobs | None
+    logprobs: DeviceTokenLogprobs | None
 
 
-def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> TokenLogprobs:
+def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> DeviceTokenLogprobs:
     """The chosen tokens' logprobs and ranks, plus the top-k alternatives. logprobs: [N, V]."""
     chosen = logprobs.gather(1, token_ids[:, None])  # (N, 1)
     ranks = (logprobs > chosen).sum(-1) + 1
@@ -52,7 +61,16 @@ def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> T
         values = torch.cat([chosen, top.values], dim=1)
     else:
         ids, values = token_ids[:, None], chosen
-    return TokenLogprobs(ids, values.float(), ranks)
+    return DeviceTokenLogprobs(ids, values.float(), ranks)
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """Grammar masks, in place: token t of row r stays allowed iff bit t % 32 of
+    bitmask[r, t // 32] is set; the others get -inf. bitmask: int32 [B, ceil(V / 32)]."""
+    V = logits.shape[-1]
+    bits = torch.arange(32, device=logits.device, dtype=torch.int32)
+    allowed = ((bitmask[:, :, None] >> bits) & 1).bool().flatten(1)[:, :V]
+    logits.masked_fill_(~allowed, float("-inf"))
 
 
 class Sampler:

@@ -56,11 +56,11 @@ def cpu_has_native_bf16() -> bool:
 
 def resolve_dtype(requested: str, hf_config, device: str) -> torch.dtype:
     if requested != "auto":
-        return DTYPES[requested]
+        return getattr(torch, requested)
     if device.startswith("cuda"):
         config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
         if isinstance(config_dtype, str):
-            config_dtype = DTYPES.get(config_dtype)
+            config_dtype = getattr(torch, config_dtype) if config_dtype in DTYPES else None
         return config_dtype if config_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
@@ -165,3 +165,13 @@ def _init_dummy_weights(model: nn.Module, seed: int) -> None:
                 param.normal_(0.0, 0.02, generator=generator)
             else:  # a norm's scale is 1, everything else (biases, a norm's shift) 0
                 param.fill_(1.0 if name == "weight" else 0.0)
+
+
+def _read_chat_template(value: str) -> str:
+    """A chat template given inline or as the path of a file holding it."""
+    if os.path.isfile(value):
+        with open(value) as f:
+            return f.read()
+    if "{%" in value or "{{" in value:
+        return value
+    raise ValueError(f"chat_template {value!r} is neither a file nor a Jinja template")

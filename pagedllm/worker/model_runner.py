@@ -3,14 +3,14 @@ paged KV cache, and samples.
 
 Batch order: sequences with one token to run (decodes) first, then prefill
 chunks, as AttentionMetadata requires. The only host sync of a step is reading
-the sampled tokens (and logprobs, when asked for) back.
+the sampled tokens (and logprobs, when asked for) back, and that can wait until the
+next step has been launched.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +22,7 @@ from pagedllm.core.interface import ModelRunnerOutput, SchedulerOutput, Schedule
 from pagedllm.distributed import SINGLE_RANK, TensorParallelGroup
 from pagedllm.layers.attention import bind_kv_cache
 from pagedllm.layers.parallel_sampler import RankZeroSampler
-from pagedllm.layers.sampler import Sampler, token_logprobs
+from pagedllm.layers.sampler import DeviceTokenLogprobs, Sampler, apply_token_bitmask, token_logprobs
 from pagedllm.loader.model_loader import LoadedModel
 from pagedllm.worker.cuda_graphs import DecodeGraphs
 from pagedllm.worker.kv_cache import allocate_kv_cache, num_blocks_for
@@ -38,7 +38,8 @@ class StepInputs:
     positions: torch.Tensor
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # rows of the hidden states that get logits
-    sample_rows: list[tuple[str, int]]  # (request, row in logits) of requests that sample
+    sample_rows: list[tuple[int, int]]  # (index in SchedulerOutput.scheduled, row in logits) of requests that sample
+    sample_states: list[RunnerRequestState]  # the same requests' states
     prompt_rows: list[tuple[str, int, int, int]]  # (request, first logits row, count, first target position)
 
 
@@ -55,6 +56,9 @@ class ModelRunner:
         self.backend = get_attention_backend(backend_name)
         self.sampler = Sampler(self.device) if tp.world_size == 1 else RankZeroSampler(Sampler(self.device), tp)
         self.requests: dict[str, RunnerRequestState] = {}
+        self._executed: tuple[torch.Tensor, StepInputs] | None = None  # between execute_model and sample_tokens
+        self._last_sampled = torch.zeros(0, dtype=torch.int64, device=self.device)  # the latest step's tokens
+        self._last_sampled_rows: dict[str, int] = {}  # request -> its row in _last_sampled
         activation_bytes = 0
         if self.device.startswith("cuda"):
             activation_bytes = self._profile_run(min(max_num_batched_tokens, self.config.max_model_len), args.max_num_seqs)
@@ -94,11 +98,15 @@ class ModelRunner:
         return peak
 
     # -- one step -----------------------------------------------------------------------------
+    #
+    # execute_model(step N) queues the forward pass; sample_tokens() queues sampling and the
+    # copy of the sampled ids to pinned host memory, and returns at once; result() waits for
+    # that copy. The host can thus prepare step N + 1 while the device computes step N: a
+    # request that samples in step N runs in step N + 1 on that token, which is scattered
+    # into N + 1's input ids on the device (its id reaches the host one step later).
 
     @torch.inference_mode()
-    def execute(self, so: SchedulerOutput, while_running: Callable[[], None] | None = None) -> ModelRunnerOutput:
-        """Run one step. `while_running` is called once the step is launched on the device
-        and before waiting for it: host work done there overlaps the GPU."""
+    def execute_model(self, so: SchedulerOutput) -> None:
         self._update_states(so)
         inputs = self._prepare(so.scheduled)
         if self.graphs is not None and self.graphs.can_run(inputs.meta):
@@ -106,7 +114,12 @@ class ModelRunner:
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
         logits = self.model.compute_logits(hidden[inputs.logits_indices]).float()
-        return self._sample(logits, inputs, while_running)
+        self._executed = (logits, inputs)
+
+    def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        """One whole step, synchronously (tests, benchmarks)."""
+        self.execute_model(so)
+        return self.sample_tokens().result()
 
     def _update_states(self, so: SchedulerOutput) -> None:
         for request_id in so.dropped_request_ids:
@@ -119,11 +132,11 @@ class ModelRunner:
 
     def _prepare(self, scheduled: list[ScheduledRequest]) -> StepInputs:
         # Decodes first (stable, so admission order is kept within each group).
-        order = sorted(scheduled, key=lambda s: s.num_scheduled_tokens != 1)
-        states = [self.requests[s.request_id] for s in order]
-        num_decodes = sum(1 for s in order if s.num_scheduled_tokens == 1)
-        starts = np.fromiter((s.num_computed_tokens for s in order), np.int64, len(order))
-        counts = np.fromiter((s.num_scheduled_tokens for s in order), np.int64, len(order))
+        order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_scheduled_tokens != 1)
+        states = [self.requests[scheduled[i].request_id] for i in order]
+        num_decodes = sum(1 for i in order if scheduled[i].num_scheduled_tokens == 1)
+        starts = np.fromiter((scheduled[i].num_computed_tokens for i in order), np.int64, len(order))
+        counts = np.fromiter((scheduled[i].num_scheduled_tokens for i in order), np.int64, len(order))
         ends = starts + counts
         query_start_loc = np.zeros(len(order) + 1, dtype=np.int64)
         np.cumsum(counts, out=query_start_loc[1:])
@@ -132,8 +145,20 @@ class ModelRunner:
         # Per token: its sequence's row, and its position in that sequence.
         row_of_token = np.repeat(np.arange(len(order)), counts)
         positions = np.arange(num_tokens) - query_start_loc[:-1][row_of_token] + starts[row_of_token]
+        # Input ids known here; a token still on the device (sampled by the step in flight)
+        # is a 0 here, replaced on the device below.
+        fed_from: list[int] = []  # rows of the previous step's sampled tokens
+        fed_to: list[int] = []  # where they go in this step's input ids
+        for i, st in enumerate(states):
+            if ends[i] > len(st.token_ids):
+                assert st.num_pending == 1 and ends[i] == len(st.token_ids) + 1, "a step runs past the known tokens"
+                fed_from.append(self._last_sampled_rows[st.request_id])
+                fed_to.append(int(query_start_loc[i + 1]) - 1)
         input_ids = np.fromiter(
-            itertools.chain.from_iterable(st.token_ids[a:b] for st, a, b in zip(states, starts.tolist(), ends.tolist())),
+            itertools.chain.from_iterable(
+                st.token_ids[a:b] + [0] * (b - len(st.token_ids) if b > len(st.token_ids) else 0)
+                for st, a, b in zip(states, starts.tolist(), ends.tolist())
+            ),
             np.int64,
             num_tokens,
         )
@@ -145,20 +170,23 @@ class ModelRunner:
         slot_mapping += positions % self.block_size
 
         logits_indices: list[int] = []
-        sample_rows: list[tuple[str, int]] = []
+        sample_rows: list[tuple[int, int]] = []
         prompt_rows: list[tuple[str, int, int, int]] = []
-        for i, (s, st) in enumerate(zip(order, states)):
+        for i, st in enumerate(states):
             start, end, t0 = int(starts[i]), int(ends[i]), int(query_start_loc[i])
             # Prompt logprobs: logits at position p score the token at p + 1.
             if st.sampling_params.prompt_logprobs is not None and start < st.num_prompt_tokens - 1:
                 last = min(end, st.num_prompt_tokens - 1)
-                prompt_rows.append((s.request_id, len(logits_indices), last - start, start + 1))
+                prompt_rows.append((st.request_id, len(logits_indices), last - start, start + 1))
                 logits_indices.extend(range(t0, t0 + last - start))
-            if end == len(st.token_ids):  # the step reaches the request's last token: sample
-                sample_rows.append((s.request_id, len(logits_indices)))
-                logits_indices.append(t0 + s.num_scheduled_tokens - 1)
+            if end == st.num_tokens:  # the step reaches the request's last token: sample
+                sample_rows.append((order[i], len(logits_indices)))
+                logits_indices.append(t0 + int(counts[i]) - 1)
 
         to = self._to_device
+        ids = to(input_ids)
+        if fed_to:
+            ids[to(np.array(fed_to, dtype=np.int64))] = self._last_sampled[to(np.array(fed_from, dtype=np.int64))]
         seq_lens = ends.astype(np.int32)
         meta = AttentionMetadata(
             slot_mapping=to(slot_mapping),
@@ -172,9 +200,8 @@ class ModelRunner:
             query_start_loc_cpu=query_start_loc.tolist(),
             seq_lens_cpu=seq_lens.tolist(),
         )
-        return StepInputs(
-            to(input_ids), to(positions), meta, to(np.array(logits_indices, dtype=np.int64)), sample_rows, prompt_rows
-        )
+        sample_states = [self.requests[scheduled[i].request_id] for i, _ in sample_rows]
+        return StepInputs(ids, to(positions), meta, to(np.array(logits_indices, dtype=np.int64)), sample_rows, sample_states, prompt_rows)
 
     def _to_device(self, array: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Host -> device without a sync: pinned source, non-blocking copy."""
@@ -183,40 +210,87 @@ class ModelRunner:
             return tensor
         return tensor.pin_memory().to(self.device, non_blocking=True)
 
-    def _sample(self, logits: torch.Tensor, inputs: StepInputs, while_running: Callable[[], None] | None) -> ModelRunnerOutput:
-        output = ModelRunnerOutput(sampled_token_ids={})
-        if inputs.sample_rows:
-            states = [self.requests[rid] for rid, _ in inputs.sample_rows]
-            if len(inputs.sample_rows) == logits.shape[0]:  # the usual case: every row samples
+    @torch.inference_mode()
+    def sample_tokens(self, grammar_bitmask: np.ndarray | None = None) -> PendingStep:
+        """Sample the step just executed; grammar_bitmask has one row per scheduled request
+        (SchedulerOutput.scheduled order)."""
+        logits, inputs = self._executed
+        self._executed = None
+        sampled = logprobs = None
+        states = inputs.sample_states
+        if states:
+            if len(states) == logits.shape[0]:  # the usual case: every row samples
                 sample_logits = logits
             else:
                 sample_logits = logits[self._to_device(torch.tensor([row for _, row in inputs.sample_rows]))]
-            batch = build_sampling_batch(states, self._to_device)
-            result = self.sampler(sample_logits, batch)
-            if while_running is not None:
-                while_running()
-                while_running = None
-            sampled = result.sampled_token_ids.tolist()  # the step's one host sync
-            logprobs = _to_cpu(result.logprobs) if result.logprobs is not None else None
-            for i, (state, token) in enumerate(zip(states, sampled)):
-                state.token_ids.append(token)
-                output.sampled_token_ids[state.request_id] = token
-                if state.sampling_params.logprobs is not None:
-                    output.logprobs[state.request_id] = _row(logprobs, i, state.sampling_params.logprobs)
+            if grammar_bitmask is not None:
+                rows = np.array([i for i, _ in inputs.sample_rows])
+                apply_token_bitmask(sample_logits, self._to_device(torch.from_numpy(np.ascontiguousarray(grammar_bitmask[rows]))))
+            result = self.sampler(sample_logits, build_sampling_batch(states, self._to_device))
+            sampled, logprobs = result.sampled_token_ids, result.logprobs
+            self._last_sampled = sampled  # the next step's input for these requests
+            self._last_sampled_rows = {st.request_id: i for i, st in enumerate(states)}
+            for st in states:
+                st.num_pending += 1
+        prompt_logprobs = {}
         for request_id, first_row, count, target_pos in inputs.prompt_rows:
             state = self.requests[request_id]
             targets = self._to_device(torch.tensor(state.token_ids[target_pos : target_pos + count]))
             lp = logits[first_row : first_row + count].log_softmax(dim=-1)
-            output.prompt_logprobs[request_id] = _to_cpu(token_logprobs(lp, targets, state.sampling_params.prompt_logprobs))
-        if while_running is not None:  # nothing sampled this step
-            while_running()
+            prompt_logprobs[request_id] = token_logprobs(lp, targets, state.sampling_params.prompt_logprobs)
+        return PendingStep(self, states, sampled, logprobs, prompt_logprobs)
+
+
+class PendingStep:
+    """A sampled step on its way to the host: the copies are queued at construction, and
+    result() waits for them (the step's one host sync)."""
+
+    def __init__(self, runner: ModelRunner, states: list[RunnerRequestState], sampled: torch.Tensor | None,
+                 logprobs: DeviceTokenLogprobs | None, prompt_logprobs: dict[str, DeviceTokenLogprobs]) -> None:
+        self.runner = runner
+        self.states = states
+        self.sampled = _to_host(sampled) if sampled is not None else None
+        self.logprobs = _host_logprobs(logprobs) if logprobs is not None else None
+        self.prompt_logprobs = {rid: _host_logprobs(lp) for rid, lp in prompt_logprobs.items()}
+        self.event = None
+        if sampled is not None and sampled.is_cuda or any(lp.logprobs.is_cuda for lp in prompt_logprobs.values()):
+            self.event = torch.cuda.Event()
+            self.event.record()
+        self.output: ModelRunnerOutput | None = None
+
+    def result(self) -> ModelRunnerOutput:
+        if self.output is not None:
+            return self.output
+        if self.event is not None:
+            self.event.synchronize()
+        output = ModelRunnerOutput(sampled_token_ids={})
+        if self.sampled is not None:
+            requests = self.runner.requests
+            for i, (state, token) in enumerate(zip(self.states, self.sampled.tolist())):
+                if requests.get(state.request_id) is state:  # else dropped since (finished, preempted)
+                    state.token_ids.append(token)
+                    state.num_pending -= 1
+                output.sampled_token_ids[state.request_id] = token
+                k = state.sampling_params.logprobs
+                if k is not None:
+                    lp = self.logprobs
+                    output.logprobs[state.request_id] = TokenLogprobs(
+                        lp.token_ids[i : i + 1, : k + 1].numpy(), lp.logprobs[i : i + 1, : k + 1].numpy(), lp.ranks[i : i + 1].numpy()
+                    )
+        for request_id, lp in self.prompt_logprobs.items():
+            output.prompt_logprobs[request_id] = TokenLogprobs(lp.token_ids.numpy(), lp.logprobs.numpy(), lp.ranks.numpy())
+        self.output = output
         return output
 
 
-def _row(lp: TokenLogprobs, i: int, k: int) -> TokenLogprobs:
-    """Row i, with the request's own number of alternatives."""
-    return TokenLogprobs(lp.token_ids[i : i + 1, : k + 1], lp.logprobs[i : i + 1, : k + 1], lp.ranks[i : i + 1])
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy in host memory, queued without waiting (pinned target) on CUDA."""
+    if not tensor.is_cuda:
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
 
 
-def _to_cpu(lp: TokenLogprobs) -> TokenLogprobs:
-    return TokenLogprobs(lp.token_ids.cpu(), lp.logprobs.cpu(), lp.ranks.cpu())
+def _host_logprobs(lp: DeviceTokenLogprobs) -> DeviceTokenLogprobs:
+    return DeviceTokenLogprobs(_to_host(lp.token_ids), _to_host(lp.logprobs), _to_host(lp.ranks))

@@ -18,6 +18,9 @@ class RunnerRequestState:
     sampling_params: SamplingParams
     block_table: np.ndarray = field(default_factory=lambda: np.zeros(16, dtype=np.int32))
     num_blocks: int = 0
+    # Tokens sampled on the device whose ids have not been read back yet (0 or 1): the next
+    # step takes its input token from the device.
+    num_pending: int = 0
 
     def add_blocks(self, block_ids: list[int]) -> None:
         needed = self.num_blocks + len(block_ids)
@@ -40,8 +43,17 @@ class RunnerRequestState:
         token's position, so a seeded request samples the same tokens whatever shares its
         batch, and also after a preemption."""
         seed = self.sampling_params.seed
-        return None if seed is None else hash((seed, len(self.token_ids) - self.num_prompt_tokens)) & (2**63 - 1)
+        return None if seed is None else hash((seed, self.num_output_tokens)) & (2**63 - 1)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids) + self.num_pending
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.num_tokens - self.num_prompt_tokens
 
     @property
     def output_token_ids(self) -> list[int]:
+        """The generated tokens read back so far (all of them in synchronous steps)."""
         return self.token_ids[self.num_prompt_tokens :]

@@ -25,13 +25,13 @@ def build_sampling_batch(states: list[RunnerRequestState], to_device: Callable[[
             values = [replace_off if v == off else v for v in values]
         return column(values, dtype)
 
-    penalties = any(
-        p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1 for p in params
-    )
+    penalties = any(p.needs_output_history for p in params)
+    # The engine runs such steps synchronously, so every output token is known here.
+    assert not penalties or not any(s.num_pending for s in states), "penalties need the previous step's tokens"
     masked = {
         row: sorted(p.all_stop_token_ids)
         for row, (p, s) in enumerate(zip(params, states))
-        if len(s.output_token_ids) < p.min_tokens and p.all_stop_token_ids
+        if s.num_output_tokens < p.min_tokens and p.all_stop_token_ids
     }
     seeds = {row: seed for row, s in enumerate(states) if (seed := s.step_seed()) is not None}
     wanted_logprobs = [p.logprobs for p in params if p.logprobs is not None]
