@@ -57,7 +57,7 @@ class EngineArgs:
     seed: int = 0
     max_model_len: int | None = None
     block_size: int = 16
-    kv_cache_memory: int | float | str | None = None  # CPU: bytes of KV cache (default 1 GiB)
+    kv_cache_memory: int | float | str | None = None  # bytes of KV cache (CPU default 1 GiB; GPU: a cap)
     gpu_memory_utilization: float = 0.9
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None

@@ -7,6 +7,8 @@ async_scheduling "on" and one "off", and compares every token, logprob and finis
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from pagedllm import SamplingParams
@@ -23,8 +25,10 @@ SHARED = "You are a helpful assistant. Answer briefly and truthfully. " * 4  # >
 
 
 def make_llm(mode: str, **kwargs):
+    """The bundled model (or PAGEDLLM_TEST_MODEL's file: the same checks run on a GPU machine)."""
     from pagedllm import LLM
 
+    kwargs.setdefault("model", os.environ.get("PAGEDLLM_TEST_MODEL"))
     options = dict(dtype="float32", max_num_batched_tokens=64, max_num_seqs=8, kv_cache_memory="64MiB", max_model_len=512)
     options.update(kwargs)
     return LLM(async_scheduling=mode, **options)

@@ -11,6 +11,10 @@ from pagedllm.attention.metadata import AttentionMetadata
 
 class AttentionBackend(Protocol):
     name: str
+    # Whether a decode step of this backend can be captured in a CUDA graph: it must read
+    # only the metadata fields AttentionMetadata marks as graph-safe (device tensors and the
+    # fixed bounds), never the host lists, which a replay would see frozen at capture.
+    supports_cuda_graphs: bool
 
     def forward(
         self,

@@ -30,15 +30,21 @@ import torch
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [num_tokens] int64, -1 for padding tokens (not written)
-    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
-    seq_lens: torch.Tensor  # [num_seqs] int32, context length after this step
-    block_tables: torch.Tensor  # [num_seqs, max_num_blocks] int32
-    num_decodes: int
-    num_decode_tokens: int
+    """Under a CUDA graph (decode steps, see worker/cuda_graphs.py) a backend may read the
+    device tensors (their contents change between replays), num_decodes / num_decode_tokens
+    (fixed per graph) and max_seq_len (then a fixed upper bound, max_model_len), and nothing
+    else: the host lists and max_query_len would be frozen at their capture-time values.
+    Backends that read them say supports_cuda_graphs = False."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64, -1 for padding tokens (not written)       graph-safe
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32                                       graph-safe
+    seq_lens: torch.Tensor  # [num_seqs] int32, context length after this step                  graph-safe
+    block_tables: torch.Tensor  # [num_seqs, max_num_blocks] int32                              graph-safe
+    num_decodes: int  # graph-safe (one graph per padded batch size)
+    num_decode_tokens: int  # graph-safe
     max_query_len: int
-    max_seq_len: int
-    # Host copies, for backends that loop over sequences (torch reference).
+    max_seq_len: int  # graph-safe as an upper bound only
+    # Host copies, for backends that loop over sequences (torch reference). Not graph-safe.
     query_start_loc_cpu: list[int]
     seq_lens_cpu: list[int]
 

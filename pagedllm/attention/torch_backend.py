@@ -38,6 +38,7 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) 
 
 class TorchAttentionBackend:
     name = "torch"
+    supports_cuda_graphs = False  # it slices by the host lists (seq_lens_cpu), fixed in a graph
 
     def forward(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)

@@ -22,6 +22,7 @@ from pagedllm.attention.metadata import AttentionMetadata
 
 class TritonAttentionBackend:
     name = "triton"
+    supports_cuda_graphs = True  # decode reads device tensors and the fixed max_seq_len only
 
     def forward(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         kernels.write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)

@@ -105,7 +105,10 @@ def _write_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_
 # ---------------------------------------------------------------------------- prefill
 
 
-@triton.jit
+# Integer arguments that change from step to step are not specialized on (Triton compiles a
+# variant per value class: == 1, % 16 == 0, other), or a new mix of decodes and prefills
+# would stall a step for a compilation in the middle of serving.
+@triton.jit(do_not_specialize=["first_seq", "stride_table"])
 def _prefill_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
                     qk_scale, first_seq,
                     stride_q_tok, stride_q_head, stride_o_tok, stride_o_head, stride_table,
@@ -176,7 +179,7 @@ def _prefill_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, 
 # ---------------------------------------------------------------------------- decode
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_partitions", "stride_table"])
 def _decode_kernel(out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
                    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qk_scale, num_partitions,
                    stride_q_tok, stride_q_head, stride_o_tok, stride_o_head, stride_table,
@@ -237,7 +240,7 @@ def _decode_kernel(out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
         tl.store(part_acc_ptr + part_idx[:, None] * HEAD_DIM_PAD + dims[None, :], acc, mask=head_valid[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_partitions"])
 def _decode_reduce_kernel(out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr, seq_lens_ptr, num_partitions,
                           stride_o_tok, stride_o_head,
                           HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PARTITION_SIZE: tl.constexpr,

@@ -30,7 +30,7 @@ ENGINE_HELP: dict[str, str] = {
     "seed": "random seed of the engine (requests without their own seed)",
     "max_model_len": "longest prompt + output in tokens (default: the model's context, capped by the KV cache)",
     "block_size": "tokens per KV cache block (a power of two)",
-    "kv_cache_memory": "CPU: KV cache size, e.g. 2GiB or 512MiB (default: 1GiB)",
+    "kv_cache_memory": "KV cache size, e.g. 2GiB or 512MiB (CPU default: 1GiB; on GPU a cap below gpu_memory_utilization)",
     "gpu_memory_utilization": "GPU: fraction of GPU memory for weights, activations and KV cache",
     "max_num_seqs": "most sequences in one step (batch size)",
     "max_num_batched_tokens": "token budget per step (default: 8192 on GPU, 2048 on CPU)",

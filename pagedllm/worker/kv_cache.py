@@ -21,13 +21,15 @@ def bytes_per_block(config: ModelConfig, block_size: int) -> int:
 def num_blocks_for(config: ModelConfig, args: EngineArgs, activation_bytes: int) -> int:
     """CPU: the kv_cache_memory budget. GPU: gpu_memory_utilization of the card, less
     what is in use (weights, CUDA context, other processes) and the activation peak
-    of the largest step."""
+    of the largest step, capped by kv_cache_memory when it is given."""
     per_block = bytes_per_block(config, args.block_size)
     if config.device == "cpu":
         budget = args.kv_cache_memory_bytes
     else:
         free, total = torch.cuda.mem_get_info(torch.device(config.device))
         budget = int(total * args.gpu_memory_utilization) - (total - free) - activation_bytes
+        if args.kv_cache_memory is not None:  # a cap below what the card allows
+            budget = min(budget, args.kv_cache_memory_bytes)
     return max(budget // per_block, 0)
 
 

@@ -24,6 +24,7 @@ from pagedllm.layers.attention import bind_kv_cache
 from pagedllm.layers.parallel_sampler import RankZeroSampler
 from pagedllm.layers.sampler import DeviceTokenLogprobs, Sampler, apply_token_bitmask, token_logprobs
 from pagedllm.loader.model_loader import LoadedModel
+from pagedllm.worker.block_tables import BlockTables
 from pagedllm.worker.cuda_graphs import DecodeGraphs
 from pagedllm.worker.kv_cache import allocate_kv_cache, num_blocks_for
 from pagedllm.worker.request_state import RunnerRequestState
@@ -54,8 +55,16 @@ class ModelRunner:
         self.block_size = args.block_size
         backend_name = args.attention_backend or ("triton" if self.device.startswith("cuda") else "torch")
         self.backend = get_attention_backend(backend_name)
+        use_graphs = self.device.startswith("cuda") and not args.enforce_eager
+        if use_graphs and not self.backend.supports_cuda_graphs:
+            raise ValueError(
+                f"attention backend {self.backend.name} cannot run under CUDA graphs (it reads host-side "
+                "metadata that a graph would freeze): add --enforce-eager, or use the triton backend"
+            )
         self.sampler = Sampler(self.device) if tp.world_size == 1 else RankZeroSampler(Sampler(self.device), tp)
         self.requests: dict[str, RunnerRequestState] = {}
+        max_blocks_per_seq = -(-self.config.max_model_len // self.block_size)
+        self.tables = BlockTables(2 * args.max_num_seqs + 8, max_blocks_per_seq, self.device)
         self._executed: tuple[torch.Tensor, StepInputs] | None = None  # between execute_model and sample_tokens
         self._last_sampled = torch.zeros(0, dtype=torch.int64, device=self.device)  # the latest step's tokens
         self._last_sampled_rows: dict[str, int] = {}  # request -> its row in _last_sampled
@@ -66,7 +75,7 @@ class ModelRunner:
         self.kv_caches = allocate_kv_cache(self.config, self.block_size, self.num_blocks)
         bind_kv_cache(self.model, self.kv_caches, self.backend)
         self.graphs = None
-        if self.device.startswith("cuda") and not args.enforce_eager:
+        if use_graphs:
             self.graphs = DecodeGraphs(self.model, args.max_num_seqs, self.config.max_model_len, self.block_size, self.device)
             self.graphs.capture()
 
@@ -122,77 +131,91 @@ class ModelRunner:
         return self.sample_tokens().result()
 
     def _update_states(self, so: SchedulerOutput) -> None:
+        """Apply the step's diff: dropped and new requests, appended blocks."""
         for request_id in so.dropped_request_ids:
-            self.requests.pop(request_id, None)
+            state = self.requests.pop(request_id, None)
+            if state is not None:
+                self.tables.remove(state.row)
         for new in so.new_requests:
-            self.requests[new.request_id] = RunnerRequestState.from_new(new)
+            self.requests[new.request_id] = RunnerRequestState.from_new(new, self.tables.add())
         for s in so.scheduled:
             if s.new_block_ids:
-                self.requests[s.request_id].add_blocks(s.new_block_ids)
+                self.tables.append(self.requests[s.request_id].row, s.new_block_ids)
+        self.tables.sync(self._to_device)
 
     def _prepare(self, scheduled: list[ScheduledRequest]) -> StepInputs:
         # Decodes first (stable, so admission order is kept within each group).
-        order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_scheduled_tokens != 1)
+        n = len(scheduled)
+        order = sorted(range(n), key=lambda i: scheduled[i].num_scheduled_tokens != 1)
         states = [self.requests[scheduled[i].request_id] for i in order]
-        num_decodes = sum(1 for i in order if scheduled[i].num_scheduled_tokens == 1)
-        starts = np.fromiter((scheduled[i].num_computed_tokens for i in order), np.int64, len(order))
-        counts = np.fromiter((scheduled[i].num_scheduled_tokens for i in order), np.int64, len(order))
+        starts = np.fromiter((scheduled[i].num_computed_tokens for i in order), np.int64, n)
+        counts = np.fromiter((scheduled[i].num_scheduled_tokens for i in order), np.int64, n)
+        num_known = np.fromiter((len(st.token_ids) for st in states), np.int64, n)  # ids on the host
+        num_tokens_all = np.fromiter((st.num_tokens for st in states), np.int64, n)  # with ids still on the device
+        rows = np.fromiter((st.row for st in states), np.int64, n)
         ends = starts + counts
-        query_start_loc = np.zeros(len(order) + 1, dtype=np.int64)
+        num_decodes = int(np.count_nonzero(counts == 1))
+        query_start_loc = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(counts, out=query_start_loc[1:])
         num_tokens = int(query_start_loc[-1])
 
         # Per token: its sequence's row, and its position in that sequence.
-        row_of_token = np.repeat(np.arange(len(order)), counts)
+        row_of_token = np.repeat(np.arange(n), counts)
         positions = np.arange(num_tokens) - query_start_loc[:-1][row_of_token] + starts[row_of_token]
-        # Input ids known here; a token still on the device (sampled by the step in flight)
-        # is a 0 here, replaced on the device below.
-        fed_from: list[int] = []  # rows of the previous step's sampled tokens
-        fed_to: list[int] = []  # where they go in this step's input ids
-        for i, st in enumerate(states):
-            if ends[i] > len(st.token_ids):
-                assert st.num_pending == 1 and ends[i] == len(st.token_ids) + 1, "a step runs past the known tokens"
-                fed_from.append(self._last_sampled_rows[st.request_id])
-                fed_to.append(int(query_start_loc[i + 1]) - 1)
-        input_ids = np.fromiter(
-            itertools.chain.from_iterable(
-                st.token_ids[a:b] + [0] * (b - len(st.token_ids) if b > len(st.token_ids) else 0)
-                for st, a, b in zip(states, starts.tolist(), ends.tolist())
-            ),
-            np.int64,
-            num_tokens,
-        )
-        max_blocks = max(st.num_blocks for st in states)
-        block_tables = np.zeros((len(order), max_blocks), dtype=np.int32)
-        for i, st in enumerate(states):
-            block_tables[i, : st.num_blocks] = st.block_table[: st.num_blocks]
-        slot_mapping = block_tables[row_of_token, positions // self.block_size].astype(np.int64) * self.block_size
+        # Input ids known here; a token still on the device (sampled by the step in flight) is
+        # a 0 here, replaced on the device below. Such a token is always a sequence's last.
+        if num_tokens == n:  # decodes only
+            input_ids = np.fromiter((st.token_ids[a] if a < k else 0 for st, a, k in zip(states, starts.tolist(), num_known.tolist())), np.int64, n)
+        else:
+            input_ids = np.fromiter(
+                itertools.chain.from_iterable(
+                    st.token_ids[a:b] + [0] * (b - k) if b > k else st.token_ids[a:b]
+                    for st, a, b, k in zip(states, starts.tolist(), ends.tolist(), num_known.tolist())
+                ),
+                np.int64,
+                num_tokens,
+            )
+        fed = np.nonzero(ends > num_known)[0]
+        slot_mapping = self.tables.host[rows[row_of_token], positions // self.block_size].astype(np.int64) * self.block_size
         slot_mapping += positions % self.block_size
 
-        logits_indices: list[int] = []
-        sample_rows: list[tuple[int, int]] = []
+        # Logits rows: each sequence whose step reaches its last token samples from its last
+        # row; prompt logprobs add the rows of the prompt positions they score.
+        samples = np.nonzero(ends == num_tokens_all)[0]
         prompt_rows: list[tuple[str, int, int, int]] = []
-        for i, st in enumerate(states):
-            start, end, t0 = int(starts[i]), int(ends[i]), int(query_start_loc[i])
-            # Prompt logprobs: logits at position p score the token at p + 1.
-            if st.sampling_params.prompt_logprobs is not None and start < st.num_prompt_tokens - 1:
-                last = min(end, st.num_prompt_tokens - 1)
-                prompt_rows.append((st.request_id, len(logits_indices), last - start, start + 1))
-                logits_indices.extend(range(t0, t0 + last - start))
-            if end == st.num_tokens:  # the step reaches the request's last token: sample
-                sample_rows.append((order[i], len(logits_indices)))
-                logits_indices.append(t0 + int(counts[i]) - 1)
+        if not any(st.sampling_params.prompt_logprobs is not None for st in states):
+            logits_indices = query_start_loc[1:][samples] - 1
+            sample_rows = [(order[i], j) for j, i in enumerate(samples.tolist())]
+            sample_states = [states[i] for i in samples.tolist()]
+        else:
+            indices: list[int] = []
+            sample_rows, sample_states = [], []
+            for i, st in enumerate(states):
+                start, end, t0 = int(starts[i]), int(ends[i]), int(query_start_loc[i])
+                # Prompt logprobs: logits at position p score the token at p + 1.
+                if st.sampling_params.prompt_logprobs is not None and start < st.num_prompt_tokens - 1:
+                    last = min(end, st.num_prompt_tokens - 1)
+                    prompt_rows.append((st.request_id, len(indices), last - start, start + 1))
+                    indices.extend(range(t0, t0 + last - start))
+                if end == st.num_tokens:
+                    sample_rows.append((order[i], len(indices)))
+                    sample_states.append(st)
+                    indices.append(t0 + int(counts[i]) - 1)
+            logits_indices = np.array(indices, dtype=np.int64)
 
         to = self._to_device
         ids = to(input_ids)
-        if fed_to:
-            ids[to(np.array(fed_to, dtype=np.int64))] = self._last_sampled[to(np.array(fed_from, dtype=np.int64))]
+        if len(fed):
+            for i in fed.tolist():
+                assert states[i].num_pending == 1 and ends[i] == num_known[i] + 1, "a step runs past the known tokens"
+            fed_from = np.fromiter((self._last_sampled_rows[states[i].request_id] for i in fed.tolist()), np.int64, len(fed))
+            ids[to(query_start_loc[1:][fed] - 1)] = self._last_sampled[to(fed_from)]
         seq_lens = ends.astype(np.int32)
         meta = AttentionMetadata(
             slot_mapping=to(slot_mapping),
             query_start_loc=to(query_start_loc.astype(np.int32)),
             seq_lens=to(seq_lens),
-            block_tables=to(block_tables),
+            block_tables=self.tables.gather(rows, to),
             num_decodes=num_decodes,
             num_decode_tokens=num_decodes,
             max_query_len=int(counts.max()),
@@ -200,8 +223,7 @@ class ModelRunner:
             query_start_loc_cpu=query_start_loc.tolist(),
             seq_lens_cpu=seq_lens.tolist(),
         )
-        sample_states = [self.requests[scheduled[i].request_id] for i, _ in sample_rows]
-        return StepInputs(ids, to(positions), meta, to(np.array(logits_indices, dtype=np.int64)), sample_rows, sample_states, prompt_rows)
+        return StepInputs(ids, to(positions), meta, to(logits_indices), sample_rows, sample_states, prompt_rows)
 
     def _to_device(self, array: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Host -> device without a sync: pinned source, non-blocking copy."""

@@ -1,10 +1,9 @@
-"""The model runner's copy of a request: its tokens, block table and sampler state."""
+"""The model runner's copy of a request: its tokens, its row of the block tables, and its
+sampling parameters."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-import numpy as np
+from dataclasses import dataclass
 
 from pagedllm.core.interface import NewRequestData
 from pagedllm.sampling_params import SamplingParams
@@ -16,26 +15,19 @@ class RunnerRequestState:
     token_ids: list[int]  # prompt + generated
     num_prompt_tokens: int
     sampling_params: SamplingParams
-    block_table: np.ndarray = field(default_factory=lambda: np.zeros(16, dtype=np.int32))
-    num_blocks: int = 0
+    row: int  # of the runner's BlockTables
     # Tokens sampled on the device whose ids have not been read back yet (0 or 1): the next
     # step takes its input token from the device.
     num_pending: int = 0
 
-    def add_blocks(self, block_ids: list[int]) -> None:
-        needed = self.num_blocks + len(block_ids)
-        if needed > len(self.block_table):  # grow geometrically
-            self.block_table = np.resize(self.block_table, max(needed, 2 * len(self.block_table)))
-        self.block_table[self.num_blocks : needed] = block_ids
-        self.num_blocks = needed
-
     @classmethod
-    def from_new(cls, new: NewRequestData) -> RunnerRequestState:
+    def from_new(cls, new: NewRequestData, row: int) -> RunnerRequestState:
         return cls(
             request_id=new.request_id,
             token_ids=new.prompt_token_ids + new.output_token_ids,
             num_prompt_tokens=len(new.prompt_token_ids),
             sampling_params=new.sampling_params,
+            row=row,
         )
 
     def step_seed(self) -> int | None:

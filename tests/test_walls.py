@@ -1,0 +1,70 @@
+"""The walls between the parts, checked in fresh processes so that nothing imported by an
+earlier test can hide a breach (see docs/engine.md)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from server_utils import DEFAULT_ARGS, RemoteServer
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_CODE = ("pagedllm.worker", "pagedllm.models", "pagedllm.layers", "pagedllm.attention", "pagedllm.executor")
+
+
+def modules_after(code: str) -> set[str]:
+    script = f"import sys, json\n{code}\nprint(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def test_import_pagedllm_is_cheap():
+    loaded = modules_after("import pagedllm; from pagedllm import SamplingParams")
+    assert "torch" not in loaded
+    assert not any(m.startswith(MODEL_CODE + ("pagedllm.engine",)) for m in loaded)
+
+
+def test_core_imports_no_torch():
+    loaded = modules_after(
+        "import pagedllm.core.scheduler, pagedllm.core.block_manager, pagedllm.core.interface, pagedllm.config"
+    )
+    assert "torch" not in loaded
+
+
+def test_http_front_end_imports_no_model_code():
+    loaded = modules_after(
+        "import pagedllm.entrypoints.openai.api_server, pagedllm.engine.async_client, pagedllm.engine.messages, "
+        "pagedllm.metrics"
+    )
+    assert "torch" not in loaded
+    assert not [m for m in loaded if m.startswith(MODEL_CODE)]
+
+
+def test_engine_reaches_the_model_only_through_the_executor():
+    """No module of pagedllm/engine imports the worker, the models, the layers or the attention
+    backends (the executor is the one door)."""
+    forbidden = ("pagedllm.worker", "pagedllm.models", "pagedllm.layers", "pagedllm.attention")
+    breaches = []
+    for path in (ROOT / "pagedllm" / "engine").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in getattr(node, "names", [])] if isinstance(node, ast.Import) else []
+            breaches += [f"{path.name}: {n}" for n in names if n.startswith(forbidden)]
+    assert not breaches
+
+
+def test_running_server_process_loads_no_torch():
+    """The live HTTP process, after serving a request: no libtorch mapped into it."""
+    server = RemoteServer(DEFAULT_ARGS)
+    try:
+        r = httpx.post(server.url("/v1/completions"), json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200
+        maps = Path(f"/proc/{server.process.pid}/maps").read_text()
+        assert "libtorch" not in maps
+    finally:
+        server.close()
