@@ -6,13 +6,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedllm.layers.fused import triton_ops_for
+
 
 class SiluAndMul(nn.Module):
     """x = [gate | up] -> silu(gate) * up."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = triton_ops_for(x)
+        if ops is not None:
+            return ops.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+
+class GeluAndMul(nn.Module):
+    """x = [gate | up] -> gelu(gate, tanh approximation) * up (Gemma's gated MLP)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = triton_ops_for(x)
+        if ops is not None:
+            return ops.gelu_tanh_and_mul(x)
+        gate, up = x.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up
 
 
 # HF `activation_function` / `hidden_act` names -> the elementwise function.
