@@ -271,10 +271,9 @@ def run_timings(sweep: bool) -> None:
     if not sweep:
         return
     for batch in (1, 64, 256):
-        for partition_size in (64, 128, 256, 512, 1024):
+        for num_partitions in (1, 2, 4, 8, 16):
             for block_n in (32, 64, 128):
-                if block_n <= partition_size:
-                    bench_decode(batch, 1024, ceiling, partition_size=partition_size, block_n=block_n)
+                bench_decode(batch, 1024, ceiling, num_partitions=num_partitions, block_n=block_n)
     for d in (64, 128):
         for block_m in (64, 128):
             for block_n in (32, 64, 128):
