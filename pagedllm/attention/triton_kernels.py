@@ -22,6 +22,8 @@ Head dims that are not powers of two (96, 80, ...) are padded to HEAD_DIM_PAD an
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -326,6 +328,11 @@ def write_kv_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
     )
 
 
+@functools.cache
+def _compute_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
 def prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:
     """(block_m, block_n, num_warps, num_stages) of the prefill kernel.
 
@@ -335,7 +342,7 @@ def prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> t
     two stages of K/V fit (scripts/gpu_kernels.py --sweep times the alternatives).
     """
     d_bytes = triton.next_power_of_2(head_dim) * dtype.itemsize
-    hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    hopper = device.type == "cuda" and _compute_capability(device)[0] >= 9
     if d_bytes > 256:  # D 256 in bf16, D 128 in fp32
         return 64, 32, 4, 2
     return 128, 64, 8, 3 if hopper else 2
