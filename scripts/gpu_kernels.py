@@ -201,15 +201,15 @@ def build_layers(s: dict, dtype, batch: int, ctx: int):
     from transformers import LlamaConfig
 
     from pagedllm.layers.attention import bind_kv_cache
-    from pagedllm.loader.model_loader import _init_dummy_weights
+    from pagedllm.loader.model_loader import _init_dummy_weights, _no_init
     from pagedllm.models.llama import LlamaForCausalLM
 
     # (rope scaling only changes the cos/sin table, which check_elementwise covers)
     config = LlamaConfig(hidden_size=s["hidden"], intermediate_size=s["ffn"], num_attention_heads=s["heads"],
                          num_key_value_heads=s["kv_heads"], num_hidden_layers=s["layers"], vocab_size=1024,
                          max_position_embeddings=s["max_pos"], rope_theta=s["theta"])
-    with torch.device(DEVICE):
-        model = LlamaForCausalLM(config).to(dtype).eval().requires_grad_(False)
+    with _no_init(DEVICE, dtype):  # as the loader builds it: the rotary table stays fp32
+        model = LlamaForCausalLM(config).eval().requires_grad_(False)
     _init_dummy_weights(model, 0)
     with torch.no_grad():  # norm scales 1 would hide a wrong weight index: make them vary
         for name, p in model.named_parameters():

@@ -126,8 +126,8 @@ def _rotary_kernel(q_ptr, k_ptr, cos_sin_ptr, positions_ptr, num_q_heads, num_k_
     pos = tl.load(positions_ptr + tok).to(tl.int64)
     dims = tl.arange(0, HALF_PAD)
     cs = cos_sin_ptr + pos * stride_cs + dims
-    cos = tl.load(cs, mask=dims < HALF, other=0.0)[None, :]
-    sin = tl.load(cs + HALF, mask=dims < HALF, other=0.0)[None, :]
+    cos = tl.load(cs, mask=dims < HALF, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(cs + HALF, mask=dims < HALF, other=0.0).to(tl.float32)[None, :]
     _rotate_heads(q_ptr + tok * stride_q_tok, stride_q_head, num_q_heads, cos, sin, HALF, HALF_PAD, Q_HEADS_PAD)
     _rotate_heads(k_ptr + tok * stride_k_tok, stride_k_head, num_k_heads, cos, sin, HALF, HALF_PAD, K_HEADS_PAD)
 
@@ -135,11 +135,12 @@ def _rotary_kernel(q_ptr, k_ptr, cos_sin_ptr, positions_ptr, num_q_heads, num_k_
 def rotary_inplace_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                     cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q (T, H, D) and k (T, Hkv, D) in place (views of a fused qkv output are fine:
-    only the head dim must be contiguous); returns them. cos_sin: (max_position, D) fp32."""
+    only the head dim must be contiguous); returns them. cos_sin: (max_position, D), fp32 as
+    rotary.py builds it (a table cast to another dtype is read as it is, like the torch code)."""
     num_tokens, num_q_heads, head_dim = q.shape
     assert k.shape[0] == num_tokens and k.shape[2] == head_dim and head_dim % 2 == 0
     assert q.stride(-1) == 1 and k.stride(-1) == 1, "the head dim must be contiguous"
-    assert cos_sin.shape[-1] == head_dim and cos_sin.stride(-1) == 1 and cos_sin.dtype == torch.float32
+    assert cos_sin.shape[-1] == head_dim and cos_sin.stride(-1) == 1
     if num_tokens:
         half = head_dim // 2
         _rotary_kernel[(num_tokens,)](
