@@ -416,12 +416,19 @@ def run_timings(sweep: bool) -> None:
 
 
 def print_table() -> None:
-    print("\n== summary")
-    for row in ROWS:
-        if row["kind"] in ("bench", "sweep best", "check") and (row["kind"] != "check" or row["result"] != "PASS"):
-            print("  " + "  ".join(f"{k}={v}" for k, v in row.items() if k != "kind"))
+    print("\n== fused kernels against the torch ops they replace (GPU microseconds, median)")
+    print(f"  {'kernel':<20} {'model':<14} {'tokens':>6} {'fused':>9} {'torch':>9} {'speedup':>7} {'GB/s':>6}")
+    for r in ROWS:
+        if r["kind"] == "bench" and "fused_us" in r:
+            print(f"  {r['kernel']:<20} {r['model']:<14} {r['tokens']:>6} {r['fused_us']:>9} {r['torch_us']:>9} "
+                  f"{r['speedup']:>7} {r['fused_GBps']:>6}")
+    print("== layers, attention, sweeps")
+    for r in ROWS:
+        failed_check = r["kind"] == "check" and r["result"] != "PASS"
+        if failed_check or r["kind"] == "sweep best" or (r["kind"] == "bench" and "fused_us" not in r):
+            print("  " + "  ".join(f"{k}={v}" for k, v in r.items() if k != "kind"))
     checks = [r for r in ROWS if r["kind"] == "check"]
-    print(f"  checks: {sum(r['result'] == 'PASS' for r in checks)} of {len(checks)} pass")
+    print(f"== checks: {sum(r['result'] == 'PASS' for r in checks)} of {len(checks)} pass")
 
 
 def main() -> None:
