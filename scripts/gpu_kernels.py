@@ -1,7 +1,7 @@
 """Check every Triton kernel against the torch code it replaces on the GPU, then time them.
 
     PYTHONPATH=. python scripts/gpu_kernels.py                    # checks, then timings
-    PYTHONPATH=. python scripts/gpu_kernels.py --sweep            # also tile / partition sweeps
+    PYTHONPATH=. python scripts/gpu_kernels.py --sweep --models llama-8b   # also tile / partition sweeps
     PYTHONPATH=. python scripts/gpu_kernels.py --interpret-smoke  # CPU, TRITON_INTERPRET=1, tiny shapes
 
 Shapes are those of the benchmark models (smollm2-135m, llama-1b, llama-8b; with Llama 3
@@ -67,7 +67,7 @@ def llama3_scaling(factor: float) -> dict:
             "original_max_position_embeddings": 8192}
 
 
-def shapes() -> dict[str, dict]:
+def shapes(names: list[str]) -> dict[str, dict]:
     if SMOKE:  # non-power-of-2 hidden, GQA 3, a head dim that still makes 16-wide dots
         return {"tiny": dict(hidden=96, ffn=40, heads=6, kv_heads=2, head_dim=32, theta=10000.0, scaling=None,
                              layers=2, max_pos=256)}
@@ -77,12 +77,30 @@ def shapes() -> dict[str, dict]:
                          kv_heads=c["num_key_value_heads"], head_dim=c["hidden_size"] // c["num_attention_heads"],
                          theta=c["rope_theta"], scaling=None if name.startswith("smollm2") else llama3_scaling(8.0),
                          layers=4, max_pos=c["max_position_embeddings"])
-    return out
+    unknown = set(names) - set(out)
+    if unknown:
+        raise SystemExit(f"unknown --models {sorted(unknown)}: choose from {', '.join(out)}")
+    return {name: out[name] for name in names}
+
+
+JSONL = os.path.join(os.environ.get("OUT", "."), "kernels.jsonl")
 
 
 def emit(row: dict) -> None:
+    """Print the row and append it to JSONL at once, so a crash later keeps what came before."""
     ROWS.append(row)
     print(json.dumps(row), flush=True)
+    with open(JSONL, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def guarded(what: str, fn, *args) -> bool:
+    """fn(*args); an exception becomes a FAIL row and the script goes on with the next piece."""
+    try:
+        return fn(*args) is not False
+    except Exception as e:  # noqa: BLE001 (one broken kernel must not hide the others' figures)
+        emit({"kind": "check", "kernel": what, "error": f"{type(e).__name__}: {e}"[:2000], "result": "FAIL"})
+        return False
 
 
 @contextlib.contextmanager
@@ -393,23 +411,25 @@ def run_sweeps(model: str, s: dict, ceiling: float) -> None:
                   "us": round(min(best.values()), 1)})
 
 
-def run_timings(sweep: bool) -> None:
+def run_timings(models: dict[str, dict], sweep: bool) -> bool:
     ceiling = 0.0 if SMOKE else attn_check.copy_bandwidth_gbs()
     emit({"kind": "device", "device": torch.cuda.get_device_name() if not SMOKE else "cpu (interpreter)",
           "copy_bandwidth_GBps": round(ceiling), "torch": torch.__version__,
           "triton": __import__("triton").__version__})
-    for model, s in shapes().items():
+    ok = True
+    for model, s in models.items():
         for tokens in (3,) if SMOKE else (64, 4096):
-            bench_elementwise(model, s, tokens)
-        bench_layers(model, s, *((2, 20) if SMOKE else (64, 512)))
+            ok &= guarded(f"bench elementwise {model}", bench_elementwise, model, s, tokens)
+        ok &= guarded(f"bench decode step {model}", bench_layers, model, s, *((2, 20) if SMOKE else (64, 512)))
         for batch, q_len in ((1, 40),) if SMOKE else ((1, 2048), (4, 2048), (1, 8192)):
-            bench_prefill(model, s, batch, q_len)
+            ok &= guarded(f"bench prefill {model}", bench_prefill, model, s, batch, q_len)
         for batch in (1, 3) if SMOKE else (1, 64, 256):
             ctx = 40 if SMOKE else 1024
             for bound in (ctx, 1024 if SMOKE else 131072):
-                bench_decode(model, s, batch, ctx, bound, ceiling)
+                ok &= guarded(f"bench decode {model}", bench_decode, model, s, batch, ctx, bound, ceiling)
         if sweep:
-            run_sweeps(model, s, ceiling)
+            ok &= guarded(f"sweeps {model}", run_sweeps, model, s, ceiling)
+    return ok
 
 
 # ---------------------------------------------------------------------------- main
@@ -436,25 +456,25 @@ def main() -> None:
     parser.add_argument("--interpret-smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
     parser.add_argument("--sweep", action="store_true", help="also sweep prefill tiles and decode partitions")
     parser.add_argument("--no-timing", action="store_true")
+    parser.add_argument("--models", default=",".join(MODEL_CONFIGS),
+                        help="comma-separated shapes to run (default: all of %(default)s)")
     args = parser.parse_args()
+    models = shapes(args.models.split(","))
     if not SMOKE and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run on the GPU machine, or with --interpret-smoke here")
     torch.manual_seed(0)
-    ok = check_dispatch()
-    for model, s in shapes().items():
+    ok = guarded("layer dispatch", check_dispatch)
+    for model, s in models.items():
         for dtype in DTYPES:
             for tokens in (1, 5) if SMOKE else (1, 37, 512):
-                ok &= check_elementwise(model, s, dtype, tokens)
-            ok &= check_attention(model, s, dtype)
-        ok &= check_layers(model, s)
+                ok &= guarded(f"elementwise {model} {dname(dtype)}", check_elementwise, model, s, dtype, tokens)
+            ok &= guarded(f"attention {model} {dname(dtype)}", check_attention, model, s, dtype)
+        ok &= guarded(f"decoder layers {model}", check_layers, model, s)
     emit({"kind": "all checks", "result": "PASS" if ok else "FAIL"})
     if not args.no_timing:
-        run_timings(args.sweep)
+        ok &= guarded("timings", run_timings, models, args.sweep)
     print_table()
-    out = os.environ.get("OUT", ".")
-    with open(os.path.join(out, "kernels.jsonl"), "a") as f:
-        f.writelines(json.dumps(row) + "\n" for row in ROWS)
-    print(f"JSON lines: {os.path.join(out, 'kernels.jsonl')}")
+    print(f"JSON lines: {JSONL}")
     raise SystemExit(0 if ok else 1)
 
 
