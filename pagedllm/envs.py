@@ -20,6 +20,8 @@ _VARIABLES: dict[str, Callable[[], Any]] = {
     "PAGEDLLM_LOG_LEVEL": lambda: os.environ.get("PAGEDLLM_LOG_LEVEL", "INFO").upper(),
     "PAGEDLLM_NO_PROGRESS": lambda: os.environ.get("PAGEDLLM_NO_PROGRESS") == "1",  # no progress bars
     "PAGEDLLM_API_KEY": lambda: os.environ.get("PAGEDLLM_API_KEY"),  # the server's --api-key default
+    # "0": norms, rotary and gated activations run as torch ops on CUDA too (layers/fused.py)
+    "PAGEDLLM_FUSED_KERNELS": lambda: os.environ.get("PAGEDLLM_FUSED_KERNELS", "1") != "0",
 }
 
 

@@ -10,6 +10,8 @@ export PYTHONUNBUFFERED=1 PAGEDLLM_NO_PROGRESS=1 PAGEDLLM_LOG_LEVEL=${PAGEDLLM_L
 status=0
 echo "== Triton kernels against the torch backend"
 python scripts/gpu_check_attention.py || status=1
+echo "== fused kernels and attention at the benchmark shapes, and their timings"
+OUT="$out" python scripts/gpu_kernels.py || status=1
 if [ -n "$gguf" ]; then
     echo "== bundled SmolLM2 on the GPU against HF transformers"
     python scripts/gpu_e2e.py --gguf "$gguf" || status=1

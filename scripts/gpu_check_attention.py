@@ -33,7 +33,8 @@ DEVICE = "cuda"
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 2e-2}
 
 
-def build_step(seqs, num_decodes, block_size, num_kv_heads, head_dim, dtype, max_seq_len=None, gen=None):
+def build_step(seqs, num_decodes, block_size, num_kv_heads, head_dim, dtype, max_seq_len=None, gen=None,
+               device=DEVICE):
     """(meta, k_cache, v_cache, key, value) for seqs = [(context after the step, new tokens)].
 
     Pages are a random permutation, the cached prefixes random, the block table as wide
@@ -42,24 +43,24 @@ def build_step(seqs, num_decodes, block_size, num_kv_heads, head_dim, dtype, max
     max_seq_len = max_seq_len or max(ctx for ctx, _ in seqs)
     max_blocks = -(-max_seq_len // block_size)
     num_blocks = len(seqs) * max_blocks + 1
-    pages = torch.randperm(num_blocks, generator=gen, device=DEVICE)[: len(seqs) * max_blocks]
+    pages = torch.randperm(num_blocks, generator=gen, device=device)[: len(seqs) * max_blocks]
     block_tables = pages.view(len(seqs), max_blocks).to(torch.int32)
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache = torch.randn(shape, generator=gen, device=DEVICE, dtype=dtype)
-    v_cache = torch.randn(shape, generator=gen, device=DEVICE, dtype=dtype)
+    k_cache = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+    v_cache = torch.randn(shape, generator=gen, device=device, dtype=dtype)
 
     slots, starts = [], [0]
     for i, (ctx, new) in enumerate(seqs):
-        pos = torch.arange(ctx - new, ctx, device=DEVICE)
+        pos = torch.arange(ctx - new, ctx, device=device)
         slots.append(block_tables[i, pos // block_size].long() * block_size + pos % block_size)
         starts.append(starts[-1] + new)
-    key = torch.randn(starts[-1], num_kv_heads, head_dim, generator=gen, device=DEVICE, dtype=dtype)
-    value = torch.randn(key.shape, generator=gen, device=DEVICE, dtype=dtype)
+    key = torch.randn(starts[-1], num_kv_heads, head_dim, generator=gen, device=device, dtype=dtype)
+    value = torch.randn(key.shape, generator=gen, device=device, dtype=dtype)
     seq_lens = [ctx for ctx, _ in seqs]
     meta = AttentionMetadata(
         slot_mapping=torch.cat(slots),
-        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=DEVICE),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
         block_tables=block_tables,
         num_decodes=num_decodes,
         num_decode_tokens=num_decodes,
@@ -271,10 +272,9 @@ def run_timings(sweep: bool) -> None:
     if not sweep:
         return
     for batch in (1, 64, 256):
-        for partition_size in (64, 128, 256, 512, 1024):
+        for num_partitions in (1, 2, 4, 8, 16):
             for block_n in (32, 64, 128):
-                if block_n <= partition_size:
-                    bench_decode(batch, 1024, ceiling, partition_size=partition_size, block_n=block_n)
+                bench_decode(batch, 1024, ceiling, num_partitions=num_partitions, block_n=block_n)
     for d in (64, 128):
         for block_m in (64, 128):
             for block_n in (32, 64, 128):

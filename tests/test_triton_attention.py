@@ -88,6 +88,7 @@ MIXED = [(1, 1), (16, 1), (17, 1), (33, 1), (20, 20), (37, 5), (64, 32), (33, 1)
         (torch.float32, 16, 4, 2, 64),
         (torch.float32, 32, 3, 1, 64),
         (torch.float32, 16, 2, 2, 96),  # head dim padded to 128
+        (torch.float32, 16, 9, 3, 64),  # SmolLM2's GQA group of 3: 42 tokens x 3 heads in a 128-row tile
         (torch.float16, 16, 4, 2, 64),
         (torch.float16, 32, 8, 2, 128),
     ],
@@ -118,29 +119,39 @@ def test_prefill_with_small_tiles(block_size):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_split_k_decode(dtype):
-    """A graph-style bound far above the real contexts (empty partitions); 19 partitions of 16
-    for the longest context, so the reduction merges more than one chunk of partitions."""
+    """Partitions sized per sequence at run time: 19 of one 16-key tile for the longest context
+    (so the reduction merges more than one chunk of partitions), uneven ones of two tiles, and
+    a grid wider than the short contexts use (graph-style: num_partitions from a far bound)."""
     seqs = [(300, 1), (32, 1), (65, 1), (1, 1)]
     meta, k_cache, v_cache, key, value = make_step(seqs, 4, 16, 2, 64, dtype)
     query = torch.randn(4, 6, 64).to(dtype)
     kernels.write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
     want = TorchAttentionBackend._decode(query, k_cache, v_cache, meta, 0.125).float()
-    for partition_size, block_n in [(16, 16), (64, 32)]:
+    for num_partitions, min_partition, block_n in [(19, 16, 16), (4, 64, 32), (40, 16, 16), (None, 128, 64)]:
         got = torch.full_like(query, float("nan"))
         kernels.decode_attention(got, query, k_cache, v_cache, meta.block_tables, meta.seq_lens, 0.125,
-                                 max_seq_len=512, partition_size=partition_size, block_n=block_n)
+                                 max_seq_len=4096, num_partitions=num_partitions, min_partition=min_partition,
+                                 block_n=block_n)
         torch.testing.assert_close(got.float(), want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("max_seq_len, partition_size", [(16, 16), (64, 16)])
-def test_padding_decode_gets_zeros(max_seq_len, partition_size):
+def test_decode_partitions_follow_batch_not_bound():
+    """The grid does not grow with the graph's context bound, and a full GPU takes one partition
+    (no reduce kernel)."""
+    assert kernels.decode_num_partitions(1, 8, 131072) == kernels.decode_num_partitions(1, 8, 8192) == 64
+    assert kernels.decode_num_partitions(64, 8, 131072) == 1
+    assert kernels.decode_num_partitions(1, 8, 100) == 1  # eager: the step's real maximum
+
+
+@pytest.mark.parametrize("max_seq_len, num_partitions", [(16, 1), (64, 4)])
+def test_padding_decode_gets_zeros(max_seq_len, num_partitions):
     """A CUDA-graph padding sequence (seq_len 0) yields zeros, not NaN, with and without split-K."""
     meta, k_cache, v_cache, _, _ = make_step([(9, 1), (1, 1)], 2, 16, 1, 64, torch.float32)
     seq_lens = torch.tensor([9, 0], dtype=torch.int32)
     query = torch.randn(2, 2, 64)
     got = torch.full_like(query, float("nan"))
     kernels.decode_attention(got, query, k_cache, v_cache, meta.block_tables, seq_lens, 0.125,
-                             max_seq_len=max_seq_len, partition_size=partition_size, block_n=16)
+                             max_seq_len=max_seq_len, num_partitions=num_partitions, min_partition=4, block_n=16)
     assert torch.equal(got[1], torch.zeros_like(got[1]))
     assert not got[0].isnan().any()
 

@@ -11,7 +11,9 @@ A tile of BLOCK_N positions may straddle pages (BLOCK_N and the cache's BLOCK_SI
 independent), so the page is looked up per position, not per tile.
 
 GQA: the GROUP = num_heads // num_kv_heads query heads of a kv head share one program,
-stacked as rows of the query tile, so each K/V tile is loaded once for all of them.
+stacked as rows of the query tile, so each K/V tile is loaded once for all of them. The
+prefill tile packs them unpadded (BLOCK_M // GROUP tokens x GROUP heads), so a group of 3
+(SmolLM2) fills 126 of 128 rows rather than 96.
 Softmax runs in the log2 domain (scores are pre-multiplied by scale * log2(e)) with fp32
 running max / sum / accumulator, flash-attention style.
 
@@ -19,6 +21,8 @@ Head dims that are not powers of two (96, 80, ...) are padded to HEAD_DIM_PAD an
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -113,14 +117,15 @@ def _prefill_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, 
                     qk_scale, first_seq,
                     stride_q_tok, stride_q_head, stride_o_tok, stride_o_head, stride_table,
                     stride_block, stride_slot, stride_head,
-                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+                    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                     DOT_PRECISION: tl.constexpr):
-    """Grid (num_prefills, cdiv(max_query_len, BLOCK_Q), num_kv_heads).
+    """Grid (num_prefills, cdiv(max_query_len, BLOCK_Q), num_kv_heads), BLOCK_Q = BLOCK_M // GROUP.
 
-    The query tile is BLOCK_Q tokens x GROUP_PAD heads, token-major:
+    The query tile is BLOCK_Q tokens x GROUP heads, token-major, in BLOCK_M rows (the last
+    BLOCK_M - BLOCK_Q * GROUP rows are padding):
 
-        row r -> token q_tile * BLOCK_Q + r // GROUP_PAD,  head kv_head * GROUP + r % GROUP_PAD
+        row r -> token q_tile * BLOCK_Q + r // GROUP,  head kv_head * GROUP + r % GROUP
 
     The chunk's queries are the last q_len of seq_len context positions, so query i sits
     at position ctx_start + i (ctx_start = seq_len - q_len) and sees keys 0..that position:
@@ -129,6 +134,7 @@ def _prefill_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, 
         query 0  x x x x x x x . . .
         query 3  x x x x x x x x x x
     """
+    BLOCK_Q: tl.constexpr = BLOCK_M // GROUP
     seq = first_seq + tl.program_id(0)
     q_tile = tl.num_programs(1) - 1 - tl.program_id(1)  # the longest (last) tiles start first
     kv_head = tl.program_id(2)
@@ -139,11 +145,10 @@ def _prefill_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, 
     seq_len = tl.load(seq_lens_ptr + seq)
     ctx_start = seq_len - q_len
 
-    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_PAD
     rows = tl.arange(0, BLOCK_M)
-    q_idx = q_tile * BLOCK_Q + rows // GROUP_PAD
-    head = kv_head * GROUP + rows % GROUP_PAD
-    row_valid = (q_idx < q_len) & (rows % GROUP_PAD < GROUP)
+    q_idx = q_tile * BLOCK_Q + rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    row_valid = (q_idx < q_len) & (rows < BLOCK_Q * GROUP)
     q_pos = ctx_start + q_idx
     dims = tl.arange(0, HEAD_DIM_PAD)
     io_mask = row_valid[:, None] & (dims[None, :] < HEAD_DIM)
@@ -179,6 +184,16 @@ def _prefill_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, 
 # ---------------------------------------------------------------------------- decode
 
 
+@triton.jit
+def _partitions(seq_len, num_partitions, BLOCK_N: tl.constexpr, MIN_PARTITION: tl.constexpr):
+    """(partitions this sequence uses, positions per partition): at most num_partitions, each
+    whole BLOCK_N tiles and at least MIN_PARTITION long (but the last), none empty."""
+    num_tiles = tl.cdiv(seq_len, BLOCK_N)
+    wanted = tl.maximum(tl.minimum(num_partitions, tl.cdiv(seq_len, MIN_PARTITION)), 1)
+    tiles_per_part = tl.maximum(tl.cdiv(num_tiles, wanted), 1)
+    return tl.maximum(tl.cdiv(num_tiles, tiles_per_part), 1), tiles_per_part * BLOCK_N
+
+
 @triton.jit(do_not_specialize=["num_partitions", "stride_table"])
 def _decode_kernel(out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
                    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qk_scale, num_partitions,
@@ -186,30 +201,33 @@ def _decode_kernel(out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
                    stride_block, stride_slot, stride_head,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                   PARTITION_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   MIN_PARTITION: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Grid (num_decodes, num_kv_heads, num_partitions): one query token per sequence.
 
-    Split-K: the context is cut into partitions of PARTITION_SIZE positions, one program
-    each, so a long context keeps many SMs busy even at batch 1:
+    Split-K: each sequence's context is cut into up to num_partitions pieces of equal
+    length (whole BLOCK_N tiles), sized from its own seq_len at run time, one program each,
+    so a long context keeps many SMs busy at small batch. seq_len = 1000, 4 partitions, BLOCK_N 64:
 
-        positions  0 ........ P-1 | P ....... 2P-1 | 2P .. seq_len-1 | 3P ...
-        program    part 0         | part 1         | part 2          | part 3.. return at once
+        positions  0 ..... 255 | 256 .... 511 | 512 .... 767 | 768 .. 999
+        program    part 0      | part 1       | part 2       | part 3
 
-    num_partitions comes from an upper bound of seq_len (fixed grid for CUDA graphs; a
-    run-time value, so a new bound costs no recompilation). A sequence that needs several
-    partitions stores each one's (max, sum, unnormalised acc) per head for
-    _decode_reduce_kernel; one that fits in a single partition (or is a seq_len-0 padding
+    A short context uses fewer (none shorter than MIN_PARTITION); programs past them return
+    at once. The host picks num_partitions from the batch and an upper bound of seq_len only
+    (fixed grid for CUDA graphs, whatever the bound: a graph captured at max_model_len 131072
+    runs the same grid as one at 2048; a run-time value, so no recompilation). A sequence
+    that uses several partitions stores each one's (max, sum, unnormalised acc) per head for
+    _decode_reduce_kernel; one that uses a single partition (or is a seq_len-0 padding
     sequence) is normalised and written here, and the reduce kernel skips it.
     """
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     part = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    seq_parts = tl.cdiv(seq_len, PARTITION_SIZE)
-    if part >= tl.maximum(seq_parts, 1):  # part 0 always runs: it writes the zeros of padding
+    seq_parts, part_len = _partitions(seq_len, num_partitions, BLOCK_N, MIN_PARTITION)
+    if part >= seq_parts:  # part 0 always runs: it writes the zeros of padding
         return
-    part_start = part * PARTITION_SIZE
-    part_end = tl.minimum(part_start + PARTITION_SIZE, seq_len)
+    part_start = part * part_len
+    part_end = tl.minimum(part_start + part_len, seq_len)
 
     # Rows are the GROUP query heads of this kv head, padded to >= 16 for tl.dot.
     rows = tl.arange(0, GROUP_PAD)
@@ -243,8 +261,8 @@ def _decode_kernel(out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
 @triton.jit(do_not_specialize=["num_partitions"])
 def _decode_reduce_kernel(out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr, seq_lens_ptr, num_partitions,
                           stride_o_tok, stride_o_head,
-                          HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PARTITION_SIZE: tl.constexpr,
-                          CHUNK: tl.constexpr):
+                          HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                          MIN_PARTITION: tl.constexpr, CHUNK: tl.constexpr):
     """Grid (num_decodes, num_heads): merge a sequence's partitions, CHUNK at a time.
 
     Partition j holds m_j (log2-domain max), l_j = sum 2^(s - m_j), acc_j = sum 2^(s - m_j) v.
@@ -254,7 +272,7 @@ def _decode_reduce_kernel(out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr, seq
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
-    num_parts = tl.cdiv(seq_len, PARTITION_SIZE)  # only these were written
+    num_parts, _ = _partitions(seq_len, num_partitions, BLOCK_N, MIN_PARTITION)  # only these were written
     if num_parts <= 1:  # written by _decode_kernel directly
         return
     base = (seq * tl.num_programs(1) + head).to(tl.int64) * num_partitions
@@ -313,52 +331,68 @@ def write_kv_cache(key, value, k_cache, v_cache, slot_mapping) -> None:
     )
 
 
+@functools.cache
+def _compute_capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:
+    """(block_m, block_n, num_warps, num_stages) of the prefill kernel.
+
+    8 warps for 128-row tiles were measured best on an H100 (4 x 2048 tokens, D 64 and 128).
+    Hopper gets a third pipeline stage (its 228 KB of shared memory hold Q plus three K/V
+    tiles up to D 128 in bf16); head dims past 128 and fp32 get smaller tiles so that Q and
+    two stages of K/V fit (scripts/gpu_kernels.py --sweep times the alternatives).
+    """
+    d_bytes = triton.next_power_of_2(head_dim) * dtype.itemsize
+    hopper = device.type == "cuda" and _compute_capability(device)[0] >= 9
+    if d_bytes > 256:  # D 256 in bf16, D 128 in fp32
+        return 64, 32, 4, 2
+    return 128, 64, 8, 3 if hopper else 2
+
+
 def prefill_attention(out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale: float,
-                      first_seq: int, num_seqs: int, max_query_len: int, block_m: int = 128, block_n: int = 64,
-                      num_warps: int | None = None, num_stages: int = 2) -> None:
+                      first_seq: int, num_seqs: int, max_query_len: int, block_m: int | None = None,
+                      block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None) -> None:
     """Causal attention of sequences first_seq .. first_seq + num_seqs - 1 (chunks of any length).
 
     out/query: [T, H, D], rows taken through query_start_loc. block_m is the query tile
-    in rows (tokens x GQA group); block_n the key tile.
+    in rows (tokens x GQA group); block_n the key tile; unset ones come from prefill_config.
     """
     _check_cache(k_cache, v_cache)
     num_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     assert group * num_kv_heads == num_heads, f"{num_heads} heads is not a multiple of {num_kv_heads} kv heads"
-    group_pad = triton.next_power_of_2(group)
-    block_q = max(1, block_m // group_pad)
-    head_dim_pad = triton.next_power_of_2(head_dim)
-    if num_warps is None:  # H100, 4 x 2048 tokens, D 64 and 128: 8 warps for 128-row tiles
-        num_warps = 8 if block_q * group_pad >= 128 else 4
-    grid = (num_seqs, triton.cdiv(max_query_len, block_q), num_kv_heads)
+    config = prefill_config(head_dim, query.dtype, query.device)
+    block_m, block_n, num_warps, num_stages = (given or default for given, default in
+                                               zip((block_m, block_n, num_warps, num_stages), config))
+    block_m = max(block_m, triton.next_power_of_2(group))  # at least one token per tile
+    grid = (num_seqs, triton.cdiv(max_query_len, block_m // group), num_kv_heads)
     _prefill_kernel[grid](
         out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale * LOG2E, first_seq,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         *_cache_strides(k_cache),
-        GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_SIZE=k_cache.shape[1],
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, DOT_PRECISION=_dot_precision(query.dtype),
+        GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=k_cache.shape[1],
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), DOT_PRECISION=_dot_precision(query.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
 
 
-def decode_partition_size(num_seqs: int, num_kv_heads: int, max_seq_len: int) -> int:
-    """Tokens per split-K partition: as long as possible while the grid still fills the GPU.
+def decode_num_partitions(num_seqs: int, num_kv_heads: int, max_seq_len: int, min_partition: int = 128) -> int:
+    """Split-K partitions per sequence: enough for about 512 programs, about 4 per SM of an
+    H100 (132 SMs), and no more than partitions of min_partition positions of max_seq_len.
 
-    Longer partitions mean less partial traffic and reduce work (at batch 64-256 x 8 kv
-    heads, context 1024, one partition ran at the copy bandwidth of an H100, 512 about 10%
-    slower); shorter ones give parallelism at small batch. The target is 512 programs,
-    about 4 per SM of an H100 (132 SMs); the floor 128 keeps each program two tiles long.
+    Fewer partitions mean less partial traffic and reduce work (at batch 64-256 x 8 kv heads,
+    context 1024, one partition ran at the copy bandwidth of an H100); more give parallelism
+    at small batch. At one partition the reduce kernel is not launched at all.
     """
-    partition = 1024
-    while partition > 128 and num_seqs * num_kv_heads * triton.cdiv(max_seq_len, partition) < 512:
-        partition //= 2
-    return partition
+    return max(1, min(triton.cdiv(512, num_seqs * num_kv_heads), triton.cdiv(max_seq_len, min_partition)))
 
 
 def decode_attention(out, query, k_cache, v_cache, block_tables, seq_lens, scale: float, max_seq_len: int,
-                     partition_size: int | None = None, block_n: int = 64, num_warps: int = 4,
-                     num_stages: int = 2) -> None:
+                     num_partitions: int | None = None, min_partition: int = 128, block_n: int = 64,
+                     num_warps: int = 4, num_stages: int = 2) -> None:
     """One query token per sequence: out/query [num_seqs, H, D], seq_lens/block_tables indexed alike.
 
     CUDA-graph safe: nothing is read from the device here. max_seq_len is a Python upper
@@ -372,13 +406,10 @@ def decode_attention(out, query, k_cache, v_cache, block_tables, seq_lens, scale
     assert group * num_kv_heads == num_heads, f"{num_heads} heads is not a multiple of {num_kv_heads} kv heads"
     if num_seqs == 0:
         return
-    if partition_size is None:
-        partition_size = decode_partition_size(num_seqs, num_kv_heads, max_seq_len)
-    block_n = min(block_n, partition_size)
-    assert partition_size % block_n == 0, "partition_size must be a multiple of block_n"
-    num_partitions = max(1, triton.cdiv(max_seq_len, partition_size))
+    if num_partitions is None:
+        num_partitions = decode_num_partitions(num_seqs, num_kv_heads, max_seq_len, min_partition)
     head_dim_pad = triton.next_power_of_2(head_dim)
-    common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, PARTITION_SIZE=partition_size)
+    common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_N=block_n, MIN_PARTITION=min_partition)
 
     part_max = part_sum = part_acc = out  # unused placeholders when there is one partition
     if num_partitions > 1:
@@ -390,9 +421,8 @@ def decode_attention(out, query, k_cache, v_cache, block_tables, seq_lens, scale
         out, part_max, part_sum, part_acc, query, k_cache, v_cache, block_tables, seq_lens, scale * LOG2E,
         num_partitions, query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         *_cache_strides(k_cache),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
-        BLOCK_SIZE=k_cache.shape[1], DOT_PRECISION=_dot_precision(query.dtype), **common,
-        num_warps=num_warps, num_stages=num_stages,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=k_cache.shape[1],
+        DOT_PRECISION=_dot_precision(query.dtype), **common, num_warps=num_warps, num_stages=num_stages,
     )
     if num_partitions > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](

@@ -6,13 +6,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedllm.layers.fused import triton_ops_for
 
-class SiluAndMul(nn.Module):
-    """x = [gate | up] -> silu(gate) * up."""
+
+class GatedActivation(nn.Module):
+    """x = [gate | up] -> act(gate) * up; on CUDA one fused kernel (layers/triton_ops.py)."""
+
+    kernel_name: str
+
+    @staticmethod
+    def act(gate: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ops = triton_ops_for(x)
+        if ops is not None:
+            return getattr(ops, self.kernel_name)(x)
         gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return self.act(gate) * up
+
+
+class SiluAndMul(GatedActivation):
+    """x = [gate | up] -> silu(gate) * up."""
+
+    kernel_name = "silu_and_mul"
+    act = staticmethod(F.silu)
+
+
+class GeluAndMul(GatedActivation):
+    """x = [gate | up] -> gelu(gate, tanh approximation) * up (Gemma's gated MLP)."""
+
+    kernel_name = "gelu_tanh_and_mul"
+
+    @staticmethod
+    def act(gate: torch.Tensor) -> torch.Tensor:
+        return F.gelu(gate, approximate="tanh")
 
 
 # HF `activation_function` / `hidden_act` names -> the elementwise function.

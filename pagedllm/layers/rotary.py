@@ -10,6 +10,8 @@ import weakref
 import torch
 from torch import nn
 
+from pagedllm.layers.fused import triton_ops_for
+
 
 def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     factor = scaling["factor"]
@@ -52,7 +54,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: (T, H, D), k: (T, Hkv, D), positions: (T,)."""
+        """q: (T, H, D), k: (T, Hkv, D), positions: (T,). On CUDA q and k are rotated in
+        place (one fused kernel) and returned; use the returned tensors either way."""
+        ops = triton_ops_for(q)
+        if ops is not None:
+            return ops.rotary_inplace_(positions, q, k, self.cos_sin)
         cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)  # (T, 1, D/2)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
