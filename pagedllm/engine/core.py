@@ -95,8 +95,13 @@ class EngineCore:
         if scheduler_output.empty:
             return outputs + self._finish_in_flight()
         self.executor.execute_model(scheduler_output)
-        outputs += self._finish_in_flight()
-        self.in_flight = InFlightStep(scheduler_output, self.executor.sample_tokens())
+        if not self._has_grammars(scheduler_output):
+            future = self.executor.sample_tokens()
+            outputs += self._finish_in_flight()
+        else:  # its masks follow from the tokens of the step in flight: finish that one first
+            outputs += self._finish_in_flight()
+            future = self.executor.sample_tokens(self._grammar_bitmask(scheduler_output))
+        self.in_flight = InFlightStep(scheduler_output, future)
         if not self.async_scheduling:
             outputs += self._finish_in_flight()
         return outputs
@@ -106,6 +111,16 @@ class EngineCore:
             return []
         step, self.in_flight = self.in_flight, None
         return self.scheduler.update(step.scheduler_output, step.future.result())
+
+    def _has_grammars(self, scheduler_output: SchedulerOutput) -> bool:
+        """Whether a request of the step samples under a grammar (structured outputs)."""
+        return False
+
+    def _grammar_bitmask(self, scheduler_output: SchedulerOutput):
+        """int32 [len(scheduler_output.scheduled), ceil(vocab / 32)]: each request's allowed
+        tokens from the grammar state after its latest token (all bits set where it has no
+        grammar)."""
+        raise NotImplementedError
 
     def _can_overlap(self) -> bool:
         """Whether the next step can be scheduled before the one in flight is finished: not
