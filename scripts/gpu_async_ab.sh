@@ -8,7 +8,7 @@ export PYTHONUNBUFFERED=1 PAGEDLLM_NO_PROGRESS=1 PAGEDLLM_LOG_LEVEL=${PAGEDLLM_L
 shapes=${*:-smollm2-135m llama-1b llama-8b}
 status=0
 for model in $shapes; do
-    for mode in on off; do
+    for mode in ${MODES:-on off}; do
         for workload in throughput latency; do
             echo "== $workload $model async=$mode"
             python -m pagedllm.benchmarks.offline "$workload" --model-config "$model" --peer none \
