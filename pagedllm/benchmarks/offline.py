@@ -1,45 +1,46 @@
-"""`pagedllm bench throughput|latency`: our offline engine and a peer, same run.
+"""`pagedllm bench throughput|latency|all`: our offline engine and a peer, same run.
 
     pagedllm bench throughput                                # bundled model on CPU vs HF generate
     pagedllm bench throughput --model-config llama-8b --peer hf   # GPU, random weights
     pagedllm bench latency --model-config smollm2-135m
+    pagedllm bench all --model-config llama-1b --peer vllm --vllm-site /tmp/vsite   # one vLLM start-up
+
+`all` runs throughput then latency on one engine (and one vLLM child). With --peer vllm, vLLM runs
+first in a child process that exits (freeing the GPU) before our engine starts; each figure of
+both engines is one generate() of the whole workload after the same warm-up, prefill included,
+and ms/step is that time / output length.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 
 import torch
 
-from pagedllm.benchmarks import hardware, peers, workloads
+from pagedllm.benchmarks import hardware, peers, vllm_peer, workloads
+from pagedllm.benchmarks.engine_setup import add_engine_arguments, engine_options
 from pagedllm.benchmarks.workloads import Workload
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("workload", choices=["throughput", "latency"], help="which workload")
-    parser.add_argument("--model", default=None, help="model to load (default: the bundled SmolLM2-135M-Instruct)")
-    parser.add_argument("--model-config", choices=sorted(workloads.MODEL_CONFIGS), default=None,
-                        help="random-weight model of a well-known shape instead of --model (GPU benchmarks)")
-    parser.add_argument("--dtype", default="auto", help="float32, bfloat16 or auto (default: auto)")
-    parser.add_argument("--peer", choices=["hf", "none"], default="hf", help="peer measured in the same run (default: hf)")
+    parser.add_argument("workload", choices=["throughput", "latency", "all"], help="which workload (all: both)")
+    add_engine_arguments(parser)
+    parser.add_argument("--peer", choices=["hf", "vllm", "none"], default="hf",
+                        help="peer measured in the same run: HF transformers in this process, or vLLM in a child process (default: hf)")
+    parser.add_argument("--vllm-site", default=None,
+                        help="--peer vllm: folder holding the unpacked vLLM bundle (default: $PAGEDLLM_VLLM_SITE, "
+                             f"this environment, or {vllm_peer.DEFAULT_SITE})")
+    parser.add_argument("--peer-timeout", type=float, default=600, help="--peer vllm: seconds before the child is ended (default: 600)")
     parser.add_argument("--num-prompts", type=int, default=None, help="throughput: requests (default: 256 GPU, 64 CPU)")
     parser.add_argument("--input-len", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
                         help="throughput: prompt length range (default: 100 1024 GPU, 16 256 CPU)")
     parser.add_argument("--output-len", type=int, default=None, help="output tokens per request (default: 256 GPU, 128 CPU)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="latency: batch sizes (default: 1 64 GPU, 1 CPU)")
     parser.add_argument("--peer-batch-size", type=int, default=32, help="HF generate: padded batch size (default: 32)")
-    parser.add_argument("--max-num-seqs", type=int, default=256, help="engine: max sequences per step (default: 256)")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="engine: token budget per step")
-    parser.add_argument("--kv-cache-memory", default=None, help="engine on CPU: KV cache size (default: 1GiB)")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="engine on GPU (default: 0.85)")
-    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    parser.add_argument("--attention-backend", default=None, help="torch or triton (default: by device)")
-    parser.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto",
-                        help="engine: schedule step N+1 while step N runs (default: auto)")
-    parser.add_argument("--output-json", default=None, help="append one JSON line per figure to this file")
 
 
 def main(args: argparse.Namespace) -> list[dict]:
@@ -48,73 +49,160 @@ def main(args: argparse.Namespace) -> list[dict]:
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
     tmp = tempfile.mkdtemp(prefix="pagedllm-bench-")
-    options = dict(
-        dtype=args.dtype, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        enforce_eager=args.enforce_eager, attention_backend=args.attention_backend, seed=0,
-        async_scheduling=args.async_scheduling,
-    )
-    if gpu:
-        options["gpu_memory_utilization"] = args.gpu_memory_utilization
-    elif args.kv_cache_memory:
-        options["kv_cache_memory"] = args.kv_cache_memory
-    if args.model_config:
-        model = workloads.write_config_folder(args.model_config, tmp)
-        options.update(load_format="dummy", skip_tokenizer_init=True, max_model_len=2048)
-    else:
-        model = args.model
+    model, options = engine_options(args, gpu, tmp)
+    if gpu and args.workload == "all" and args.peer == "hf":
+        raise SystemExit("bench all with --peer hf: HF needs a different attention per workload on the GPU; "
+                         "run throughput and latency separately")
+    vocab = _vocab_before_load(args)
+    vllm_run = None
+    if args.peer == "vllm":
+        # Before our engine exists: the child's exit hands the whole GPU back to us.
+        vllm_run = _run_vllm(args, model, options, make_workloads(args, vocab, gpu) if vocab else None, gpu)
+        if vllm_run is not None and gpu:
+            _wait_for_free_gpu_memory()
+
     start = time.perf_counter()
     llm = LLM(model, **options)
     startup = time.perf_counter() - start
-    core = llm.engine.core
-    vocab = core.info.vocab_size
-    dtype = core.runner.config.dtype
-    num_params = sum(p.numel() for p in core.runner.model.parameters())
+    model_name, vocab_loaded, dtype, num_params = _engine_facts(llm, args, gpu)
+    vocab = vocab or vocab_loaded
     machine = hardware.describe(device)
-
-    if args.workload == "throughput":
-        n = args.num_prompts or (256 if gpu else 64)
-        lo, hi = args.input_len or ((100, 1024) if gpu else (16, 256))
-        runs = [workloads.throughput(n, lo, hi, args.output_len or (256 if gpu else 128), vocab)]
-    else:
-        out_len = args.output_len or (256 if gpu else 128)
-        in_len = 128 if gpu else 32
-        runs = [
-            workloads.latency(bs, in_len if bs == 1 else (512 if gpu else in_len), out_len, vocab)
-            for bs in args.batch_sizes or ([1, 64] if gpu else [1])
-        ]
+    runs = make_workloads(args, vocab, gpu)
 
     hf = None
     if args.peer == "hf":
-        hf = peers.load_hf_model(args.model_config, None if args.model_config else core.runner.config.source, dtype, device,
-                                 paged=gpu and args.workload == "throughput")
+        hf = peers.load_hf_model(args.model_config, None if args.model_config else llm.engine.core.runner.config.source, dtype, device,
+                                 paged=gpu and args.workload != "latency")
     results = []
     for w in runs:
         ours = run_ours(llm, w, device)
         peer_name, peer = None, None
         if hf is not None:
-            if gpu and args.workload == "throughput":
+            if gpu and w.name.startswith("throughput"):
                 peer_name, peer = "hf generate_batch (paged|sdpa)", peers.hf_generate_batch(hf, w, device)
             else:
                 peer_name, peer = "hf generate", peers.hf_generate(hf, w, device, args.peer_batch_size)
         result = dict(
-            workload=w.name, model=args.model_config or core.info.model_name, dtype=str(dtype).removeprefix("torch."),
-            machine=machine, async_scheduling=core.async_scheduling, startup_s=round(startup, 2), seconds=round(ours, 3),
-            output_tok_s=round(w.num_output_tokens / ours, 1),
-            total_tok_s=round((w.num_output_tokens + w.num_prompt_tokens) / ours, 1),
-            ms_per_step=round(ours / w.output_lens[0] * 1000, 2),
+            engine="pagedllm", workload=w.name, model=args.model_config or model_name,
+            dtype=str(dtype).removeprefix("torch."), machine=machine,
+            async_scheduling=getattr(llm.engine.core, "async_scheduling", None), startup_s=round(startup, 2),
+            **_figures(w, ours),
         )
-        if gpu and args.workload == "throughput":
+        if gpu and num_params and w.name.startswith("throughput"):
             flops = 2 * num_params * (w.num_output_tokens + w.num_prompt_tokens)
             result["mfu"] = round(flops / ours / hardware.peak_flops(dtype), 3)
-        if gpu and args.workload == "latency":
+        if gpu and num_params and w.name.startswith("latency"):
             weight_bytes = num_params * torch.empty(0, dtype=dtype).element_size()
             result["mbu"] = round(weight_bytes / (ours / w.output_lens[0]) / hardware.memory_bandwidth(), 3)
         if peer is not None:
             result.update(peer=peer_name, peer_seconds=round(peer, 3), peer_output_tok_s=round(w.num_output_tokens / peer, 1),
                           ratio=round(peer / ours, 2))
+        figure = vllm_run.figures.get(w.name) if vllm_run else None
+        if figure is not None:
+            result.update(peer=vllm_run.version, peer_seconds=round(figure.seconds, 3),
+                          peer_output_tok_s=round(w.num_output_tokens / figure.seconds, 1),
+                          peer_ms_per_step=round(figure.seconds / w.output_lens[0] * 1000, 2),
+                          peer_startup_s=vllm_run.startup_s, ratio=round(figure.seconds / ours, 2))
         results.append(result)
         _report(result, args.output_json)
+        if figure is not None:
+            peer_line = dict(engine=vllm_run.version, workload=w.name, model=result["model"], dtype=vllm_run.dtype,
+                             machine=machine, startup_s=vllm_run.startup_s, **_figures(w, figure.seconds))
+            results.append(peer_line)
+            _write_json(peer_line, args.output_json)
     return results
+
+
+def make_workloads(args: argparse.Namespace, vocab: int, gpu: bool) -> list[Workload]:
+    runs = []
+    if args.workload in ("throughput", "all"):
+        n = args.num_prompts or (256 if gpu else 64)
+        lo, hi = args.input_len or ((100, 1024) if gpu else (16, 256))
+        runs.append(workloads.throughput(n, lo, hi, args.output_len or (256 if gpu else 128), vocab))
+    if args.workload in ("latency", "all"):
+        out_len = args.output_len or (256 if gpu else 128)
+        in_len = 128 if gpu else 32
+        runs += [
+            workloads.latency(bs, in_len if bs == 1 else (512 if gpu else in_len), out_len, vocab)
+            for bs in args.batch_sizes or ([1, 64] if gpu else [1])
+        ]
+    return runs
+
+
+def _engine_facts(llm, args: argparse.Namespace, gpu: bool) -> tuple[str, int | None, torch.dtype, int | None]:
+    """(model name, vocab size, dtype, parameter count) of the loaded engine. These live in engine
+    internals that the engine rewrite may move: without them, a model config still gives its
+    vocabulary and exact Llama parameter count, and the bench still runs."""
+    try:
+        core = llm.engine.core
+        return (core.info.model_name, core.info.vocab_size, core.runner.config.dtype,
+                sum(p.numel() for p in core.runner.model.parameters()))
+    except AttributeError:
+        if not args.model_config:
+            raise
+        c = workloads.MODEL_CONFIGS[args.model_config]
+        hidden, kv = c["hidden_size"], c["num_key_value_heads"] * c["hidden_size"] // c["num_attention_heads"]
+        layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * c["intermediate_size"] + 2 * hidden
+        embeddings = c["vocab_size"] * hidden * (1 if c["tie_word_embeddings"] else 2)
+        dtype = torch.bfloat16 if gpu and args.dtype == "auto" else getattr(torch, args.dtype, torch.float32)
+        return args.model_config, c["vocab_size"], dtype, embeddings + c["num_hidden_layers"] * layer + hidden
+
+
+def _vocab_before_load(args: argparse.Namespace) -> int | None:
+    """The vocabulary size, known without loading our engine for a model config or an HF folder."""
+    if args.model_config:
+        return workloads.MODEL_CONFIGS[args.model_config]["vocab_size"]
+    config = os.path.join(args.model or "", "config.json")
+    if args.model and os.path.isfile(config):
+        with open(config) as f:
+            return json.load(f).get("vocab_size")
+    return None
+
+
+def _run_vllm(args: argparse.Namespace, model: str, options: dict, runs: list[Workload] | None,
+              gpu: bool) -> vllm_peer.PeerRun | None:
+    site = vllm_peer.locate(args.vllm_site)
+    if site is None:
+        print(vllm_peer.RECIPE, flush=True)
+        return None
+    if runs is None:
+        print("--peer vllm needs --model-config or a Hugging Face model folder (with config.json): "
+              "running pagedllm alone", flush=True)
+        return None
+    # The model configs are bf16 models (workloads.write_config_folder): say so rather than
+    # leave it to how vLLM reads the config's dtype field.
+    dtype = "bfloat16" if args.dtype == "auto" and args.model_config and gpu else args.dtype
+    engine = dict(dtype=dtype, max_model_len=2048, seed=0, max_num_seqs=args.max_num_seqs)
+    if options.get("gpu_memory_utilization"):
+        engine["gpu_memory_utilization"] = options["gpu_memory_utilization"]
+    if args.max_num_batched_tokens:
+        engine["max_num_batched_tokens"] = args.max_num_batched_tokens
+    load_format = "dummy" if args.model_config else "auto"
+    result = vllm_peer.run(site, model, load_format, engine, runs, args.peer_timeout)
+    if result.error:
+        print(result.error, flush=True)
+    return result
+
+
+def _wait_for_free_gpu_memory(timeout: float = 30.0) -> None:
+    """The driver frees a dead process's memory with a short delay: do not size our KV cache
+    from a GPU that still holds vLLM's."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        free, total = torch.cuda.mem_get_info()
+        if free >= 0.9 * total:
+            return
+        time.sleep(0.5)
+    print(f"warning: only {free / 2**30:.1f} of {total / 2**30:.1f} GiB of GPU memory is free after vLLM exited", flush=True)
+
+
+def _figures(w: Workload, seconds: float) -> dict:
+    """The figures of one timed generate(), the same for every engine."""
+    return dict(
+        seconds=round(seconds, 3), output_tok_s=round(w.num_output_tokens / seconds, 1),
+        total_tok_s=round((w.num_output_tokens + w.num_prompt_tokens) / seconds, 1),
+        ms_per_step=round(seconds / w.output_lens[0] * 1000, 2),
+    )
 
 
 def run_ours(llm, w: Workload, device: str) -> float:
@@ -140,9 +228,16 @@ def _report(result: dict, path: str | None) -> None:
         line += f", MFU {result['mfu']:.1%}"
     if "mbu" in result:
         line += f", MBU {result['mbu']:.1%}"
-    if "peer" in result:
+    if "peer_ms_per_step" in result:
+        line += f" | {result['peer']}: {result['peer_output_tok_s']} output tok/s, {result['peer_ms_per_step']} ms/step" \
+                f" (start-up {result['peer_startup_s']} s; ours {result['startup_s']} s) | ratio {result['ratio']}x"
+    elif "peer" in result:
         line += f" | {result['peer']}: {result['peer_output_tok_s']} output tok/s | ratio {result['ratio']}x"
     print(line, flush=True)
+    _write_json(result, path)
+
+
+def _write_json(result: dict, path: str | None) -> None:
     print(json.dumps(result), flush=True)
     if path:
         with open(path, "a") as f:

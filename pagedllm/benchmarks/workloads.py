@@ -21,6 +21,11 @@ MODEL_CONFIGS: dict[str, dict] = {
         hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
         vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0, max_position_embeddings=8192,
     ),
+    # Not a speed shape: makes the bench's code paths quick to run on a CPU (tests, smoke runs).
+    "tiny": dict(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=1024, tie_word_embeddings=True, rope_theta=10000.0, max_position_embeddings=4096,
+    ),
 }
 
 

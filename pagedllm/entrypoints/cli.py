@@ -5,7 +5,8 @@
     pagedllm chat                                    # in-process; --url http://host:port for a server
     pagedllm generate "The capital of France is" --max-tokens 20
     pagedllm bench serve --base-url http://127.0.0.1:8000 --num-prompts 64 --max-concurrency 8
-    pagedllm bench throughput | latency              # the offline engine against a peer
+    pagedllm bench throughput | latency | all        # the offline engine against a peer (--peer hf|vllm)
+    pagedllm bench profile                           # GPU busy time against wall time, per engine step
 """
 
 from __future__ import annotations
@@ -42,17 +43,19 @@ def make_parser() -> argparse.ArgumentParser:
     generate.set_defaults(handler=_generate)
 
     bench = commands.add_parser("bench", help="benchmarks", description="Benchmarks.")
-    kinds = bench.add_subparsers(dest="bench_command", required=True, metavar="{serve,throughput,latency}")
+    kinds = bench.add_subparsers(dest="bench_command", required=True, metavar="{serve,throughput,latency,all,profile}")
     from pagedllm.benchmarks import serve as serve_bench
 
     bench_serve = kinds.add_parser("serve", help="load generator against a running server", description=serve_bench.__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     serve_bench.add_arguments(bench_serve)
     bench_serve.set_defaults(handler=serve_bench.main)
-    for workload in ("throughput", "latency"):
+    for workload in ("throughput", "latency", "all"):
         # Its options belong to pagedllm.benchmarks.offline: main() passes them on unparsed.
         offline = kinds.add_parser(workload, help=f"offline {workload} against a peer (see --help)", add_help=False)
         offline.set_defaults(handler=_offline_bench, workload=workload, forwards_options=True)
+    profile = kinds.add_parser("profile", help="GPU busy vs wall time per engine step (see --help)", add_help=False)
+    profile.set_defaults(handler=_profile_bench, forwards_options=True)
     return parser
 
 
@@ -81,6 +84,16 @@ def _offline_bench(args: argparse.Namespace) -> None:
     parser = argparse.ArgumentParser(prog=f"pagedllm bench {args.workload}")
     offline.add_arguments(parser)
     offline.main(parser.parse_args([args.workload, *args.forwarded]))
+
+
+def _profile_bench(args: argparse.Namespace) -> None:
+    """`bench profile`: the options belong to pagedllm.benchmarks.step_profile; pass them on."""
+    from pagedllm.benchmarks import step_profile
+
+    parser = argparse.ArgumentParser(prog="pagedllm bench profile", description=step_profile.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    step_profile.add_arguments(parser)
+    step_profile.main(parser.parse_args(args.forwarded))
 
 
 def _version() -> str:
