@@ -108,6 +108,9 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         help=f"require 'Authorization: Bearer KEY' on the API routes; /health, /version and /metrics stay open "
         f"(default: ${API_KEY_ENV}, else none)",
     )
+    group.add_argument(
+        "--web-ui", action=argparse.BooleanOptionalAction, default=True, help="serve the chat page at / (default: on)"
+    )
     group.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False, help="log every HTTP request (default: off)")
     group.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="server log level (default: info)"
