@@ -146,6 +146,28 @@ def test_model_text_never_becomes_markup():
             assert sink not in source, f"{path.name} uses {sink}"
 
 
+MARKDOWN_CASES = [
+    ("# T\npara **b** *i* `a<b>` ~~s~~ [l](https://x.org) [j](javascript:alert(1))",
+     '<h1>T</h1><p>para <strong>b</strong> <em>i</em> <code>a&lt;b&gt;</code> <del>s</del> '
+     '<a href="https://x.org" target="_blank" rel="noopener noreferrer">l</a> [j](javascript:alert(1))</p>'),
+    ("- a\n- b\n  - c\n\n3. x\n4. y", "<ul><li>a</li><li>b<ul><li>c</li></ul></li></ul><ol start=\"3\"><li>x</li><li>y</li></ol>"),
+    ("```py\nx = '<b>'\n\ny\n```\nafter", '<div class="code-block"><div class="code-lang">py</div><pre><code>x = \'&lt;b&gt;\'\n\ny</code></pre></div><p>after</p>'),
+    ("```\nstill streaming", "<div class=\"code-block\"><pre><code>still streaming</code></pre></div>"),
+    ("| a | b |\n|---|:-:|\n| 1 | **2** |", '<div class="table-wrap"><table><thead><tr><th>a</th><th>b</th></tr></thead>'
+     "<tbody><tr><td>1</td><td><strong>2</strong></td></tr></tbody></table></div>"),
+    ("> q\n\n---\nline 1\nline 2", "<blockquote><p>q</p></blockquote><hr><p>line 1<br>line 2</p>"),
+]
+
+
+def test_markdown_rendering(browser):
+    page = browser.new_page()
+    page.add_script_tag(path=str(STATIC_DIR / "markdown.js"))
+    for markdown, html in MARKDOWN_CASES:
+        rendered = page.evaluate("(md) => { const d = document.createElement('div'); d.appendChild(renderMarkdown(md)); return d.innerHTML; }", markdown)
+        assert rendered == html, markdown
+    page.close()
+
+
 def test_streamed_reply_conversation_and_new_chat(browser, server):
     tab = _open(browser, server)
     page = tab.page

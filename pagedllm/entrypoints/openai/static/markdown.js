@@ -140,29 +140,24 @@ function splitRow(line) {
   return line.trim().replace(/^\|/, "").replace(/\|$/, "").split("|").map((cell) => cell.trim());
 }
 
+function tableRow(line, cellTag) {
+  const row = el("tr");
+  for (const text of splitRow(line)) {
+    const cell = el(cellTag);
+    appendInline(text, cell);
+    row.appendChild(cell);
+  }
+  return row;
+}
+
 function renderTable(lines, start, parent) {
   const table = el("table");
   const head = el("thead");
-  const headRow = el("tr");
-  for (const cell of splitRow(lines[start])) {
-    const th = el("th");
-    appendInline(cell, th);
-    headRow.appendChild(th);
-  }
-  head.appendChild(headRow);
+  head.appendChild(tableRow(lines[start], "th"));
   table.appendChild(head);
   const body = el("tbody");
-  let i = start + 2;
-  while (i < lines.length && lines[i].includes("|") && lines[i].trim()) {
-    const row = el("tr");
-    for (const cell of splitRow(lines[i])) {
-      const td = el("td");
-      appendInline(cell, td);
-      row.appendChild(td);
-    }
-    body.appendChild(row);
-    i++;
-  }
+  let i = start + 2; // past the header and its |---| line
+  while (i < lines.length && lines[i].includes("|") && lines[i].trim()) body.appendChild(tableRow(lines[i++], "td"));
   table.appendChild(body);
   const wrapper = el("div", "table-wrap"); // scrolls sideways on a narrow screen
   wrapper.appendChild(table);
