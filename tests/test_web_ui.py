@@ -303,4 +303,9 @@ def test_narrow_screen(browser, server):
     assert not page.locator("#system-prompt").is_visible()  # settings fold away ...
     page.click("#toggle-settings")
     assert page.locator("#system-prompt").is_visible()  # ... behind a button
+    page.fill("#max-tokens", "1")
+    page.fill("#input", "x" * 200 + "\n```\n" + "long_line = 1; " * 30 + "\n```")  # wider than the screen
+    page.click("#send")
+    _wait_reply_done(page, 1)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 360  # long words wrap, code scrolls in its box
     page.context.close()

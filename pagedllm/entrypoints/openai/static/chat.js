@@ -162,6 +162,7 @@
     const text = ui.input.value;
     if (!text.trim() || state.controller) return;
     ui.input.value = "";
+    ui.input.focus(); // after a click on Send too, the next message can be typed at once
     const history = state.history; // "New chat" mid-reply swaps in a new array; this turn stays in its own
     history.push({ role: "user", content: text });
     const userView = addMessage("user", text);
