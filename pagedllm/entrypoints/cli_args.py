@@ -105,8 +105,11 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--api-key",
         default=envs.PAGEDLLM_API_KEY,
-        help=f"require 'Authorization: Bearer KEY' on the API routes; /health, /version and /metrics stay open "
+        help=f"require 'Authorization: Bearer KEY' on the API routes; /health, /version, /metrics and the chat page stay open "
         f"(default: ${API_KEY_ENV}, else none)",
+    )
+    group.add_argument(
+        "--web-ui", action=argparse.BooleanOptionalAction, default=True, help="serve the chat page at / (default: on)"
     )
     group.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False, help="log every HTTP request (default: off)")
     group.add_argument(

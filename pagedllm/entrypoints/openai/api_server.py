@@ -39,12 +39,13 @@ from pagedllm.entrypoints.openai.serving_chat import ChatHandler, render_chat
 from pagedllm.entrypoints.openai.serving_common import check_model
 from pagedllm.entrypoints.openai.serving_completion import CompletionHandler
 from pagedllm.entrypoints.openai.sse import ClientDisconnected
+from pagedllm.entrypoints.openai.web_ui import WEB_UI_PATHS, add_web_ui_routes, page_url
 from pagedllm.logger import init_logging
 from pagedllm.metrics import ServerMetrics
 
 logger = logging.getLogger("pagedllm")
 
-OPEN_PATHS = frozenset({"/health", "/version", "/metrics", "/ping"})  # no API key needed
+OPEN_PATHS = frozenset({"/health", "/version", "/metrics", "/ping"}) | WEB_UI_PATHS  # no API key needed
 GRACEFUL_SHUTDOWN_S = 3  # open streams get this long after SIGTERM before they are cut
 
 
@@ -65,7 +66,7 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-def build_app(client: AsyncEngineClient, api_key: str | None = None) -> FastAPI:
+def build_app(client: AsyncEngineClient, api_key: str | None = None, web_ui: bool = True) -> FastAPI:
     """The app around a started engine client (the caller owns the client's life)."""
     app = FastAPI(title="pagedllm", version=pagedllm.__version__)
     app.state.client = client
@@ -76,6 +77,8 @@ def build_app(client: AsyncEngineClient, api_key: str | None = None) -> FastAPI:
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
     _add_routes(app)
+    if web_ui:
+        add_web_ui_routes(app)
     return app
 
 
@@ -189,7 +192,7 @@ def run_server(args: argparse.Namespace) -> None:
 async def _serve(args: argparse.Namespace, engine_args: EngineArgs, sock: socket.socket) -> None:
     client = await AsyncEngineClient.start(engine_args)
     try:
-        app = build_app(client, api_key=args.api_key)
+        app = build_app(client, api_key=args.api_key, web_ui=args.web_ui)
         config = uvicorn.Config(
             app,
             log_level=args.log_level,
@@ -201,6 +204,8 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, sock: socket
             "serving %r at http://%s:%d (OpenAI API under /v1; /health, /metrics; API key %s)",
             client.info.model_name, host, args.port, "required" if args.api_key else "not required",
         )
+        if args.web_ui:
+            logger.info("chat page at %s", page_url(args.host, args.port))
         await uvicorn.Server(config).serve(sockets=[sock])
     finally:
         await client.shutdown()
