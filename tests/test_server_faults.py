@@ -1,0 +1,260 @@
+"""Faults a server meets, against one real server process (bounded: ~1-2 min on 2 cores):
+
+1. fuzzed /v1/completions and /v1/chat/completions bodies (hypothesis, derandomized so CI
+   sees the same cases every run): never a 500, never a dead server, every error in
+   OpenAI's shape (unknown fields may be accepted or refused: both hold);
+2. 256 concurrent streams with random disconnects and slow readers: afterwards 0 requests
+   running and 0 KV blocks in use within 2 s (read from /metrics);
+3. the engine process killed under load: /health says 503 within a second, and every
+   waiting client gets an error, not a hang.
+The figures are in docs/server.md ("Faults")."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import random
+import signal
+import time
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from server_utils import DEFAULT_ARGS, RemoteServer
+
+FUZZ_EXAMPLES = 100  # per endpoint
+NUM_STREAMS = 256
+
+
+@pytest.fixture(scope="module")
+def server():
+    server = RemoteServer(DEFAULT_ARGS)
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.base_url, timeout=120) as client:
+        yield client
+
+
+# -- 1. fuzzed bodies -------------------------------------------------------------------------
+
+junk = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20), st.lists(st.integers(-5, 200_000), max_size=5), st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+)
+small_text = st.text(max_size=40)
+sampling = {  # a plausible value or junk for every field the two endpoints share
+    "max_tokens": st.one_of(st.integers(-2, 4), junk),  # always sent: generation stays short
+    "temperature": st.one_of(st.floats(-1, 3), junk),
+    "top_p": st.one_of(st.floats(-0.5, 1.5), junk),
+    "top_k": st.one_of(st.integers(-2, 100), junk),
+    "n": st.one_of(st.integers(0, 3), junk),
+    "seed": st.one_of(st.integers(-(2**64), 2**64), junk),
+    "stop": st.one_of(small_text, st.lists(small_text, max_size=5), junk),
+    "stream": st.one_of(st.booleans(), junk),
+    "logit_bias": st.one_of(st.dictionaries(st.sampled_from(["0", "1", "-1", "999999", "x"]), st.floats(-200, 200), max_size=3), junk),
+    "presence_penalty": st.one_of(st.floats(-3, 3), junk),
+    "repetition_penalty": st.one_of(st.floats(-1, 3), junk),
+    "min_tokens": st.one_of(st.integers(-2, 6), junk),
+    "stop_token_ids": st.one_of(st.lists(st.integers(-5, 200_000), max_size=3), junk),
+    "stream_options": st.one_of(st.fixed_dictionaries({"include_usage": st.booleans()}), junk),
+    "model": st.one_of(st.just("SmolLM2-135M-Instruct"), small_text, junk),
+    "an_unknown_field": junk,
+}
+message = st.fixed_dictionaries(
+    {"role": st.one_of(st.sampled_from(["system", "user", "assistant", "tool", "developer"]), junk),
+     "content": st.one_of(small_text, st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": small_text}), max_size=2), junk)}
+)
+completion_bodies = st.fixed_dictionaries(
+    {"max_tokens": sampling["max_tokens"],
+     "prompt": st.one_of(small_text, st.lists(st.integers(-5, 200_000), max_size=8), st.lists(small_text, max_size=3), junk)},
+    optional={**{k: v for k, v in sampling.items() if k != "max_tokens"},
+              "logprobs": st.one_of(st.integers(-1, 30), junk), "echo": st.one_of(st.booleans(), junk),
+              "best_of": st.one_of(st.integers(0, 3), junk), "suffix": st.one_of(small_text, junk)},
+)
+chat_bodies = st.fixed_dictionaries(
+    {"max_tokens": sampling["max_tokens"], "messages": st.one_of(st.lists(message, max_size=3), junk)},
+    optional={**{k: v for k, v in sampling.items() if k != "max_tokens"},
+              "logprobs": st.one_of(st.booleans(), junk), "top_logprobs": st.one_of(st.integers(-1, 30), junk),
+              "response_format": st.one_of(st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "x"])}), junk),
+              "tools": st.one_of(st.lists(st.dictionaries(st.text(max_size=5), small_text, max_size=2), max_size=2), junk)},
+)
+raw_bodies = st.one_of(st.binary(max_size=200), st.text(max_size=200).map(str.encode), st.just(b"{"), st.just(b"[]"), st.just(b"null"))
+
+OUTCOMES: collections.Counter = collections.Counter()  # (endpoint, status) -> count, for the docs
+
+
+def check_error_shape(body: dict) -> None:
+    error = body["error"]
+    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["type"], str)
+    assert "param" in error and "code" in error
+
+
+def check_reply(server, response: httpx.Response) -> None:
+    assert response.status_code in (200, 400, 404, 413, 422), f"{response.status_code}: {response.text[:500]}"
+    assert server.process.poll() is None, "the server died"
+    if response.status_code != 200:
+        check_error_shape(response.json())
+    elif response.headers["content-type"].startswith("text/event-stream"):
+        events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]", response.text[-500:]
+        for event in events[:-1]:
+            chunk = json.loads(event)
+            if "error" in chunk:
+                check_error_shape(chunk)
+    else:
+        assert response.json()["choices"]
+
+
+def post(server, http, path: str, **kwargs) -> None:
+    response = http.post(path, **kwargs)
+    OUTCOMES[(path, response.status_code)] += 1
+    check_reply(server, response)
+
+
+FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
+                suppress_health_check=list(HealthCheck))
+
+
+def test_fuzzed_completion_bodies(server, http):
+    @FUZZ
+    @given(body=completion_bodies)
+    def check(body):
+        post(server, http, "/v1/completions", json=body)
+
+    check()
+
+
+def test_fuzzed_chat_bodies(server, http):
+    @FUZZ
+    @given(body=chat_bodies)
+    def check(body):
+        post(server, http, "/v1/chat/completions", json=body)
+
+    check()
+
+
+def test_fuzzed_raw_bytes(server, http):
+    @settings(FUZZ, max_examples=FUZZ_EXAMPLES // 2)
+    @given(body=raw_bodies, path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
+    def check(body, path):
+        post(server, http, path, content=body, headers={"content-type": "application/json"})
+
+    check()
+    print("fuzz outcomes:", dict(OUTCOMES))
+    assert http.get("/health").status_code == 200
+
+
+# -- 2. many streams, disconnects and slow readers ------------------------------------------------
+
+
+async def one_stream(client: httpx.AsyncClient, rng: random.Random, outcomes: collections.Counter) -> None:
+    behaviour = rng.choice(["read all", "read all", "disconnect after some chunks", "slow reader", "disconnect at once"])
+    body = {"prompt": f"Story {rng.randrange(1000)}:", "max_tokens": rng.randrange(2, 16), "ignore_eos": True, "stream": True}
+    if rng.random() < 0.3:
+        body = {"messages": [{"role": "user", "content": f"Count to {rng.randrange(10)}"}], "max_tokens": body["max_tokens"], "stream": True}
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    if behaviour == "disconnect at once":
+        try:
+            await asyncio.wait_for(client.post(path, json=body), timeout=rng.uniform(0.01, 0.5))
+            outcomes["finished before the disconnect"] += 1
+        except asyncio.TimeoutError:
+            outcomes["disconnected before the first byte"] += 1
+        return
+    cut = rng.randrange(1, 4)
+    async with client.stream("POST", path, json=body) as response:
+        assert response.status_code == 200, await response.aread()
+        events = 0
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            events += 1
+            assert '"error"' not in line, line
+            if behaviour == "slow reader":
+                await asyncio.sleep(rng.uniform(0.05, 0.3))
+            if behaviour == "disconnect after some chunks" and events >= cut:
+                outcomes["disconnected mid-stream"] += 1
+                return  # leaving the block closes the connection
+            if line == "data: [DONE]":
+                outcomes[f"{behaviour}: completed"] += 1
+                return
+    outcomes[f"{behaviour}: stream ended without [DONE]"] += 1
+
+
+async def many_streams(base_url: str) -> collections.Counter:
+    outcomes: collections.Counter = collections.Counter()
+    rng = random.Random(0)
+    limits = httpx.Limits(max_connections=NUM_STREAMS, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=300) as client:
+        await asyncio.gather(*(one_stream(client, random.Random(rng.random()), outcomes) for _ in range(NUM_STREAMS)))
+    return outcomes
+
+
+def wait_idle(server, within_s: float) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < within_s:
+        if server.metric("num_requests_running") == 0 and server.metric("num_requests_waiting") == 0 \
+                and server.metric("kv_cache_usage_perc") == 0:
+            return time.monotonic() - start
+        time.sleep(0.05)
+    raise AssertionError(f"not idle {within_s} s after the clients finished: running={server.metric('num_requests_running')} "
+                         f"waiting={server.metric('num_requests_waiting')} kv={server.metric('kv_cache_usage_perc')}")
+
+
+def test_256_streams_with_disconnects_and_slow_readers_leave_nothing_behind(server, http):
+    start = time.monotonic()
+    outcomes = asyncio.run(many_streams(server.base_url))
+    elapsed = time.monotonic() - start
+    idle_after = wait_idle(server, within_s=2.0)
+    print(f"{NUM_STREAMS} streams in {elapsed:.1f} s, idle {idle_after:.2f} s later:", dict(outcomes))
+    assert sum(outcomes.values()) == NUM_STREAMS
+    assert not [k for k in outcomes if "without [DONE]" in k], outcomes
+    assert http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
+
+
+# -- 3. the engine killed under load (last: it ends the module's server) ----------------------------
+
+
+async def waiting_client(client: httpx.AsyncClient, i: int) -> str:
+    body = {"prompt": f"Tell me story number {i}", "max_tokens": 1500, "ignore_eos": True, "stream": i % 2 == 0}
+    if i % 2:
+        response = await client.post("/v1/completions", json=body)
+        assert response.status_code == 503 and response.json()["error"]["code"] == "engine_dead", response.text
+        return "503 engine_dead"
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        if response.status_code == 503:
+            return "503 engine_dead"
+        lines = [line async for line in response.aiter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]" and '"error"' in lines[-2], lines[-3:]
+    return "stream: error event + [DONE]"
+
+
+def test_engine_killed_under_load_fails_every_client_and_health_at_once(server):
+    engine = server.engine_pid()
+
+    async def run() -> tuple[float, collections.Counter]:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as client:
+            tasks = [asyncio.ensure_future(waiting_client(client, i)) for i in range(32)]
+            while server.metric("num_requests_running") < 8:  # load: most are in the batch
+                await asyncio.sleep(0.1)
+            os.kill(engine, signal.SIGKILL)
+            killed = time.monotonic()
+            while (await client.get("/health")).status_code != 503:
+                await asyncio.sleep(0.01)
+            health_after = time.monotonic() - killed
+            done, pending = await asyncio.wait(tasks, timeout=20)
+            assert not pending, f"{len(pending)} clients hung after the engine died"
+            return health_after, collections.Counter(task.result() for task in done)
+
+    health_after, outcomes = asyncio.run(run())
+    print(f"engine killed: /health 503 after {health_after:.3f} s; clients:", dict(outcomes))
+    assert health_after < 1.0
+    assert sum(outcomes.values()) == 32
