@@ -17,6 +17,8 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 
 import httpx
@@ -24,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server_utils import DEFAULT_ARGS, RemoteServer
+from server_utils import DEFAULT_ARGS, RemoteServer, free_port, port_is_free
 
 FUZZ_EXAMPLES = 100  # per endpoint
 NUM_STREAMS = 256
@@ -124,20 +126,24 @@ FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, dat
                 suppress_health_check=list(HealthCheck))
 
 
-def test_fuzzed_completion_bodies(server, http):
+FOUND_BY_FUZZING = [  # each once took the server down; kept as plain cases
+    ("/v1/completions", {"prompt": "", "max_tokens": None}),  # no tokens: the engine core crashed
+]
+
+
+@pytest.mark.parametrize("path, body", FOUND_BY_FUZZING)
+def test_bodies_found_by_fuzzing(server, http, path, body):
+    response = http.post(path, json=body)
+    check_reply(server, response)
+    assert response.status_code == 400 and http.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("path, bodies", [("/v1/completions", completion_bodies), ("/v1/chat/completions", chat_bodies)])
+def test_fuzzed_bodies(server, http, path, bodies):
     @FUZZ
-    @given(body=completion_bodies)
+    @given(body=bodies)
     def check(body):
-        post(server, http, "/v1/completions", json=body)
-
-    check()
-
-
-def test_fuzzed_chat_bodies(server, http):
-    @FUZZ
-    @given(body=chat_bodies)
-    def check(body):
-        post(server, http, "/v1/chat/completions", json=body)
+        post(server, http, path, json=body)
 
     check()
 
@@ -258,3 +264,43 @@ def test_engine_killed_under_load_fails_every_client_and_health_at_once(server):
     print(f"engine killed: /health 503 after {health_after:.3f} s; clients:", dict(outcomes))
     assert health_after < 1.0
     assert sum(outcomes.values()) == 32
+
+
+def test_engine_killed_while_loading_ends_the_server_with_one_message(tmp_path):
+    """Before the model is loaded nothing is served yet: the server says why it stops and exits."""
+    port = free_port()
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", *DEFAULT_ARGS, "--port", str(port)],
+                                   stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PAGEDLLM_NO_PROGRESS": "1"})
+    try:
+        engine = None
+        deadline = time.monotonic() + 120
+        while engine is None and time.monotonic() < deadline and process.poll() is None:
+            engine = next((pid for pid in children_of(process.pid) if b"spawn_main" in cmdline(pid)), None)
+            time.sleep(0.05)
+        assert engine is not None, log.read_text()
+        time.sleep(0.5)  # importing torch, or loading the weights
+        os.kill(engine, signal.SIGKILL)
+        assert process.wait(30) == 1
+    finally:
+        process.kill()
+    text = log.read_text()
+    assert "the engine failed to start" in text and "Traceback" not in text, text[-3000:]
+    assert port_is_free(port)
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(child) for child in f.read().split()]
+    except OSError:
+        return []
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
