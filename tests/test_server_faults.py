@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server_utils import DEFAULT_ARGS, RemoteServer, free_port, port_is_free
+from server_utils import DEFAULT_ARGS, RemoteServer, engine_pid_of, free_port, port_is_free
 
 FUZZ_EXAMPLES = 100  # per endpoint
 NUM_STREAMS = 256
@@ -277,7 +277,7 @@ def test_engine_killed_while_loading_ends_the_server_with_one_message(tmp_path):
         engine = None
         deadline = time.monotonic() + 120
         while engine is None and time.monotonic() < deadline and process.poll() is None:
-            engine = next((pid for pid in children_of(process.pid) if b"spawn_main" in cmdline(pid)), None)
+            engine = engine_pid_of(process.pid)
             time.sleep(0.05)
         assert engine is not None, log.read_text()
         time.sleep(0.5)  # importing torch, or loading the weights
@@ -289,18 +289,3 @@ def test_engine_killed_while_loading_ends_the_server_with_one_message(tmp_path):
     assert "the engine failed to start" in text and "Traceback" not in text, text[-3000:]
     assert port_is_free(port)
 
-
-def children_of(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(child) for child in f.read().split()]
-    except OSError:
-        return []
-
-
-def cmdline(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
