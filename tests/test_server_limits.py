@@ -78,6 +78,7 @@ def test_sigterm_drains_then_aborts_and_exits(server):
     children = server.child_pids()
     results: dict[str, object] = {}
     started = {name: threading.Event() for name in ("short", "long")}
+    ended: dict[str, float] = {}
 
     def stream(name: str, max_tokens: int) -> None:
         body = {"prompt": "Tell me a story", "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
@@ -88,6 +89,7 @@ def test_sigterm_drains_then_aborts_and_exits(server):
                     events.append(line[6:])
                     started[name].set()
         results[name] = events
+        ended[name] = time.monotonic()
 
     def plain() -> None:
         body = {"prompt": "Once upon a time", "max_tokens": 2000, "ignore_eos": True}
@@ -115,10 +117,10 @@ def test_sigterm_drains_then_aborts_and_exits(server):
     for thread in threads:
         thread.join(SHUTDOWN_TIMEOUT + 20)
         assert not thread.is_alive(), "a request hung through the shutdown"
-    server.process.wait(20)
-    elapsed = time.monotonic() - signal_time
+    server.process.wait(60)
     assert server.process.returncode == 0, server.read_log()[-3000:]
-    assert SHUTDOWN_TIMEOUT - 0.5 < elapsed < SHUTDOWN_TIMEOUT + 15
+    aborted_after = ended["long"] - signal_time
+    assert SHUTDOWN_TIMEOUT - 0.5 < aborted_after < SHUTDOWN_TIMEOUT + 10, aborted_after
 
     def finish_reasons(events: list[str]) -> list[str]:
         assert events[-1] == "[DONE]"
