@@ -89,6 +89,25 @@ chat_bodies = st.fixed_dictionaries(
               "response_format": st.one_of(st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "x"])}), junk),
               "tools": st.one_of(st.lists(st.dictionaries(st.text(max_size=5), small_text, max_size=2), max_size=2), junk)},
 )
+# Valid bodies too (half the examples): the fuzz must reach the engine, not only the validator.
+valid_sampling = {
+    "temperature": st.floats(0, 2), "top_p": st.floats(0.05, 1), "top_k": st.integers(-1, 50), "n": st.integers(1, 2),
+    "seed": st.integers(0, 2**32), "stop": st.lists(st.text(min_size=1, max_size=3), max_size=2), "stream": st.booleans(),
+    "presence_penalty": st.floats(-2, 2), "repetition_penalty": st.floats(0.5, 2), "min_tokens": st.integers(0, 2),
+    "stop_token_ids": st.lists(st.integers(0, 1000), max_size=2), "ignore_eos": st.booleans(),
+    "logit_bias": st.dictionaries(st.sampled_from(["0", "1", "2"]), st.floats(-100, 100), max_size=2),
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+}
+prompt_text = st.text(min_size=1, max_size=40).filter(str.strip)
+completion_bodies = st.one_of(completion_bodies, st.fixed_dictionaries(
+    {"max_tokens": st.integers(2, 4), "prompt": st.one_of(prompt_text, st.lists(st.integers(0, 49_000), min_size=1, max_size=8))},
+    optional={**valid_sampling, "logprobs": st.integers(0, 5), "echo": st.booleans()},
+))
+chat_bodies = st.one_of(chat_bodies, st.fixed_dictionaries(
+    {"max_tokens": st.integers(2, 4), "messages": st.lists(st.fixed_dictionaries(
+        {"role": st.sampled_from(["system", "user", "assistant"]), "content": prompt_text}), min_size=1, max_size=3)},
+    optional={**valid_sampling, "logprobs": st.booleans(), "top_logprobs": st.integers(0, 5)},
+))
 raw_bodies = st.one_of(st.binary(max_size=200), st.text(max_size=200).map(str.encode), st.just(b"{"), st.just(b"[]"), st.just(b"null"))
 
 OUTCOMES: collections.Counter = collections.Counter()  # (endpoint, status) -> count, for the docs
