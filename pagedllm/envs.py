@@ -22,6 +22,7 @@ _VARIABLES: dict[str, Callable[[], Any]] = {
     "PAGEDLLM_API_KEY": lambda: os.environ.get("PAGEDLLM_API_KEY"),  # the server's --api-key default
     # "0": norms, rotary and gated activations run as torch ops on CUDA too (layers/fused.py)
     "PAGEDLLM_FUSED_KERNELS": lambda: os.environ.get("PAGEDLLM_FUSED_KERNELS", "1") != "0",
+    "PAGEDLLM_TRACEBACK": lambda: os.environ.get("PAGEDLLM_TRACEBACK") == "1",  # commands: tracebacks for user errors too
 }
 
 

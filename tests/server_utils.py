@@ -66,19 +66,14 @@ class RemoteServer:
 
     def child_pids(self) -> list[int]:
         """Every child process of the server (the engine core, multiprocessing's helper)."""
-        try:
-            with open(f"/proc/{self.process.pid}/task/{self.process.pid}/children") as f:
-                return [int(pid) for pid in f.read().split()]
-        except OSError:
-            return []
+        return child_pids(self.process.pid)
 
     def engine_pid(self) -> int:
         """The engine core: the child that multiprocessing spawned."""
-        for pid in self.child_pids():
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"spawn_main" in f.read():
-                    return pid
-        raise RuntimeError(f"no engine core process under the server (pid {self.process.pid})")
+        pid = engine_pid_of(self.process.pid)
+        if pid is None:
+            raise RuntimeError(f"no engine core process under the server (pid {self.process.pid})")
+        return pid
 
     def metric(self, name: str) -> float:
         text = httpx.get(self.url("/metrics"), timeout=10).text
@@ -97,6 +92,26 @@ class RemoteServer:
                 self.process.wait(5)
         self.log.close()
         os.unlink(self.log.name)
+
+
+def child_pids(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(child) for child in f.read().split()]
+    except OSError:
+        return []
+
+
+def engine_pid_of(server_pid: int) -> int | None:
+    """The server's engine core process (the child multiprocessing spawned), if it has one yet."""
+    for pid in child_pids(server_pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"spawn_main" in f.read():
+                    return pid
+        except OSError:
+            pass
+    return None
 
 
 def pid_alive(pid: int) -> bool:

@@ -25,7 +25,7 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def server():
-    server = RemoteServer(DEFAULT_ARGS)
+    server = RemoteServer([*DEFAULT_ARGS, "--shutdown-timeout", "2"])  # the SIGTERM test aborts its stream
     yield server
     server.close()
 

@@ -4,26 +4,36 @@ ref counts and the prefix cache.
     block_table[req] = [7, 2, 9]        block_size = 4
     tokens  0..3 -> block 7, 4..7 -> block 2, 8..(9) -> block 9 (partly filled)
 
-A *full* block is identified by hash(parent block's hash, its token ids), so a
-hash names the whole prefix up to and including that block. Full blocks are
+A *full* block is keyed by sha256(parent block's key, its token ids) (block_hash.py),
+so a key names the whole prefix up to and including that block. Full blocks are
 registered in the prefix cache when they are allocated for computation (the
 K/V are written in the same step, before any attention reads them). A freed
 block keeps its hash and goes to the back of the free queue; allocation takes
 from the front, evicting the hash of the block it takes (LRU). A hit on a free
 cached block takes it back out of the free queue.
 
+A hit is also verified, so that even a colliding key can only cost a miss, never
+another prefix's K/V: the cached block must hold the same token ids and follow the
+same parent. "Same parent" compares prefix ids: every distinct verified prefix
+content gets a fresh id when first registered (never reused), and a block that
+recomputes an already-cached prefix takes over that prefix's id, so equal ids mean
+equal prefixes (by induction from the first block).
+
 Invariants (asserted by check_invariants in tests):
   - every block is either in the free queue with ref_count 0, or has
     ref_count == the number of block tables listing it;
-  - a block in the prefix cache holds the hash it is registered under;
+  - a block in the prefix cache holds the key it is registered under, its tokens and
+    its prefix id;
   - after every request is freed, num_free_blocks == num_blocks.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from pagedllm.core.block_hash import hash_block, token_bytes
 from pagedllm.core.request import Request
 
 
@@ -31,11 +41,14 @@ from pagedllm.core.request import Request
 class Block:
     block_id: int
     ref_count: int = 0
-    block_hash: int | None = None
+    # Set while the block is registered in the prefix cache (full blocks only):
+    block_hash: bytes | None = None  # its key
+    token_bytes: bytes | None = None  # its token ids, packed: compared on a hit
+    prefix_id: int | None = None  # names the prefix content ending at this block
+    parent_prefix_id: int | None = None  # the previous block's prefix id (None: first block)
 
-
-def hash_block(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
-    return hash((parent_hash, token_ids))
+    def clear_prefix(self) -> None:
+        self.block_hash = self.token_bytes = self.prefix_id = self.parent_prefix_id = None
 
 
 class BlockPool:
@@ -44,7 +57,8 @@ class BlockPool:
     def __init__(self, num_blocks: int) -> None:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.cached: dict[bytes, int] = {}  # block key -> block id
+        self._prefix_ids = itertools.count()
 
     @property
     def num_free_blocks(self) -> int:
@@ -56,13 +70,19 @@ class BlockPool:
         if block.block_hash is not None:  # evict its prefix-cache entry
             if self.cached.get(block.block_hash) == block_id:
                 del self.cached[block.block_hash]
-            block.block_hash = None
+            block.clear_prefix()
         block.ref_count = 1
         return block
 
-    def lookup(self, block_hash: int) -> Block | None:
+    def lookup(self, block_hash: bytes, parent_prefix_id: int | None, block_token_bytes: bytes) -> Block | None:
+        """The cached block with this key, if it holds these tokens after this parent."""
         block_id = self.cached.get(block_hash)
-        return None if block_id is None else self.blocks[block_id]
+        if block_id is None:
+            return None
+        block = self.blocks[block_id]
+        if block.parent_prefix_id != parent_prefix_id or block.token_bytes != block_token_bytes:
+            return None  # a key collision: treat as a miss
+        return block
 
     def acquire(self, block: Block) -> None:
         """Take another reference to a cached block (a prefix-cache hit)."""
@@ -76,9 +96,14 @@ class BlockPool:
         if block.ref_count == 0:
             self.free_queue[block.block_id] = None
 
-    def register(self, block: Block, block_hash: int) -> None:
-        block.block_hash = block_hash
-        self.cached.setdefault(block_hash, block.block_id)
+    def register(self, block: Block, block_hash: bytes, parent_prefix_id: int | None, block_token_bytes: bytes) -> None:
+        block.block_hash, block.token_bytes, block.parent_prefix_id = block_hash, block_token_bytes, parent_prefix_id
+        same = self.lookup(block_hash, parent_prefix_id, block_token_bytes)
+        if same is not None:  # the same prefix, computed twice: one name for both
+            block.prefix_id = same.prefix_id
+        else:
+            block.prefix_id = next(self._prefix_ids)
+            self.cached.setdefault(block_hash, block.block_id)  # a colliding entry keeps its place
 
 
 class KVCacheManager:
@@ -91,7 +116,7 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
         self.block_tables: dict[str, list[Block]] = {}
-        self.block_hashes: dict[str, list[int]] = {}  # hashes of a request's full blocks, in order
+        self.block_hashes: dict[str, list[bytes]] = {}  # keys of a request's full blocks, in order
         self.num_queries = 0  # prefix-cache lookups, in tokens
         self.num_hits = 0
 
@@ -112,15 +137,18 @@ class KVCacheManager:
         if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
             return []
         hits: list[Block] = []
-        parent: int | None = None
+        key: bytes | None = None
+        prefix_id: int | None = None
         max_blocks = (request.num_tokens - 1) // self.block_size
-        tokens = request.all_token_ids
+        tokens, bs = request.all_token_ids, self.block_size
         for i in range(max_blocks):
-            parent = hash_block(parent, tuple(tokens[i * self.block_size : (i + 1) * self.block_size]))
-            block = self.pool.lookup(parent)
+            block_tokens = token_bytes(tokens[i * bs : (i + 1) * bs])
+            key = hash_block(key, block_tokens)
+            block = self.pool.lookup(key, prefix_id, block_tokens)
             if block is None:
                 break
             hits.append(block)
+            prefix_id = block.prefix_id
         return hits
 
     def record_lookup(self, num_query_tokens: int, num_hit_tokens: int) -> None:
@@ -163,10 +191,13 @@ class KVCacheManager:
         tokens = request.all_token_ids
         bs = self.block_size
         for i in range(len(hashes), num_tokens // bs):
-            block_hash = hash_block(hashes[-1] if hashes else None, tuple(tokens[i * bs : (i + 1) * bs]))
+            block_tokens = token_bytes(tokens[i * bs : (i + 1) * bs])
+            block_hash = hash_block(hashes[-1] if hashes else None, block_tokens)
             hashes.append(block_hash)
-            if table[i].block_hash is None:
-                self.pool.register(table[i], block_hash)
+            if table[i].block_hash is None:  # else a prefix-cache hit, registered already
+                # Full blocks register in order, so the previous one has its prefix id.
+                parent_prefix_id = table[i - 1].prefix_id if i else None
+                self.pool.register(table[i], block_hash, parent_prefix_id, block_tokens)
 
     def free(self, request_id: str) -> None:
         """Release a request's blocks, tail first so that its last blocks are evicted first."""
@@ -184,4 +215,5 @@ class KVCacheManager:
             assert in_free == (block.ref_count == 0), f"block {block.block_id}: free={in_free} ref={block.ref_count}"
             assert block.ref_count == refs.get(block.block_id, 0), f"block {block.block_id}: ref count mismatch"
         for block_hash, block_id in self.pool.cached.items():
-            assert self.pool.blocks[block_id].block_hash == block_hash
+            block = self.pool.blocks[block_id]
+            assert block.block_hash == block_hash and block.token_bytes is not None and block.prefix_id is not None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 
 def check_fits(num_prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+    if num_prompt_tokens < 1:  # nothing to compute logits from (an empty string tokenizes to no ids)
+        raise ValueError("the prompt is empty (it has no tokens): send some text or token ids")
     if num_prompt_tokens >= max_model_len:
         raise ValueError(
             f"prompt has {num_prompt_tokens} tokens, max_model_len is {max_model_len}: shorten the prompt "

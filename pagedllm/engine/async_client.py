@@ -220,6 +220,18 @@ class AsyncEngineClient:
                 pass  # nothing left to abort; the output loop reports the death
         self._report_finished(stream, "abort")
 
+    @property
+    def num_open_requests(self) -> int:
+        return len(self._streams)
+
+    def abort_all(self) -> None:
+        """End every open request now, each with finish_reason "abort" (a server shutting down)."""
+        for request_id, stream in list(self._streams.items()):
+            output = self.outputs.finish_aborted(request_id)
+            self.abort(request_id)
+            if output is not None:
+                stream._put(output)
+
     def _send(self, message) -> None:
         try:
             self._sockets.input.send(encode(message), zmq.NOBLOCK)

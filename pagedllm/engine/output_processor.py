@@ -112,6 +112,18 @@ class OutputProcessor:
             seq.output.finish_reason, seq.output.stop_reason = out.finish_reason, out.stop_reason
         seq.output.text = seq.detokenizer.text
 
+    def finish_aborted(self, request_id: str) -> RequestOutput | None:
+        """The request's output with its unfinished completions ended as "abort" (the
+        caller then aborts it); None if it is not tracked here."""
+        state = self.requests.get(request_id)
+        if state is None:
+            return None
+        for seq in state.sequences.values():
+            if seq.output.finish_reason is None:
+                seq.output.finish_reason = "abort"
+        state.output.finished = True
+        return state.output
+
     def abort(self, request_id: str) -> list[str]:
         """Forget a request; returns its core ids still running (to abort in the core)."""
         state = self.requests.pop(request_id, None)

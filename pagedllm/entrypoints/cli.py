@@ -16,6 +16,7 @@ import sys
 
 from pagedllm import envs
 from pagedllm.entrypoints.cli_args import API_KEY_ENV, add_engine_args, add_sampling_args, add_server_args
+from pagedllm.entrypoints.user_errors import user_message
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -112,6 +113,11 @@ def main(argv: list[str] | None = None) -> None:
         args.handler(args)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as e:
+        message = user_message(e)
+        if message is None or envs.PAGEDLLM_TRACEBACK:
+            raise
+        sys.exit(f"pagedllm {args.command}: error: {message}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from dataclasses import MISSING, fields
 from typing import Any
 
 from pagedllm import envs
-from pagedllm.config import DTYPES, EngineArgs
+from pagedllm.config import DTYPES, EngineArgs, parse_memory_size
 from pagedllm.sampling_params import SamplingParams
 
 API_KEY_ENV = "PAGEDLLM_API_KEY"
@@ -111,6 +111,20 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--web-ui", action=argparse.BooleanOptionalAction, default=True, help="serve the chat page at / (default: on)"
     )
+    group.add_argument(
+        "--max-request-body-bytes",
+        type=_byte_size,
+        default=None,
+        metavar="SIZE",
+        help="refuse larger request bodies with 413, e.g. 16MiB (default: 4MiB + 64 bytes per token of max_model_len)",
+    )
+    group.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long running requests may go on before they are aborted (default: 5)",
+    )
     group.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False, help="log every HTTP request (default: off)")
     group.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="server log level (default: info)"
@@ -135,6 +149,16 @@ def add_sampling_args(parser: argparse.ArgumentParser, **defaults: Any) -> None:
 
 def sampling_params_from(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(**{name: getattr(args, name) for name in SAMPLING_HELP})
+
+
+def _byte_size(value: str) -> int:
+    try:
+        size = parse_memory_size(value)
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"cannot read {value!r} as a size: write e.g. 16MiB or a number of bytes")
+    return size
 
 
 def _value_type(annotation: str):

@@ -14,11 +14,14 @@ are then killed. Workers end when told to, when their pipe closes (the driver ex
 when a watchdog sees that their parent is gone (a worker stuck in a collective).
 
 Workers are forked from multiprocessing's fork server (a clean single-threaded process that
-ends with the driver), with torch and transformers already imported there.
+ends with the driver), with torch and transformers already imported there. They never re-run
+the user's __main__ (see _main_module_hidden), so `python -`, `python -c`, notebooks and
+scripts without a main guard all start them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -29,8 +32,9 @@ import sys
 import threading
 import time
 import traceback
+import types
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from multiprocessing.connection import Connection
@@ -120,7 +124,8 @@ class MultiprocExecutor(Executor):
             process = context.Process(
                 target=_worker_main, args=(spec, theirs), name=f"pagedllm-tp-worker-{rank}", daemon=True
             )
-            process.start()
+            with _main_module_hidden():
+                process.start()
             theirs.close()
             self._workers.append(_WorkerHandle(rank, process, ours))
         try:
@@ -232,6 +237,23 @@ class _RankZeroReply:
 
     def result(self) -> ModelRunnerOutput:
         return self.executor._collect([0])[0]
+
+
+@contextlib.contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """multiprocessing re-runs the parent's main script in every child it starts, so that
+    pickled references into it resolve there. Our workers need nothing from it (their target
+    and arguments live in pagedllm), and re-running it breaks: from `python -` the "script" is
+    a file named '<stdin>' that does not exist, and a script without an `if __name__ ==
+    "__main__":` guard would build its LLM again inside each worker. While a worker starts,
+    __main__ is a bare module with no file and no spec: there is nothing to re-run."""
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if main is not None:
+            sys.modules["__main__"] = main
 
 
 def _check_devices(device: str, world_size: int) -> None:

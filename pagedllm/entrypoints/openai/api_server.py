@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import logging
 import secrets
+import signal
 import socket
 import sys
 
@@ -25,6 +26,7 @@ from pagedllm.config import EngineArgs
 from pagedllm.engine.async_client import AsyncEngineClient, EngineStartError
 from pagedllm.entrypoints.cli_args import add_engine_args, add_server_args, engine_args_from
 from pagedllm.entrypoints.openai.errors import AuthenticationError, BadRequestError, EngineUnavailableError, install_error_handlers
+from pagedllm.entrypoints.openai.limits import RequestBodyLimit, default_max_body_bytes
 from pagedllm.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -38,6 +40,7 @@ from pagedllm.entrypoints.openai.protocol import (
 from pagedllm.entrypoints.openai.serving_chat import ChatHandler, render_chat
 from pagedllm.entrypoints.openai.serving_common import check_model
 from pagedllm.entrypoints.openai.serving_completion import CompletionHandler
+from pagedllm.entrypoints.openai.shutdown import FLUSH_TIMEOUT_S, DrainGate, GracefulServer, ShutdownState
 from pagedllm.entrypoints.openai.sse import ClientDisconnected
 from pagedllm.entrypoints.openai.web_ui import WEB_UI_PATHS, add_web_ui_routes, page_url
 from pagedllm.logger import init_logging
@@ -46,7 +49,6 @@ from pagedllm.metrics import ServerMetrics
 logger = logging.getLogger("pagedllm")
 
 OPEN_PATHS = frozenset({"/health", "/version", "/metrics", "/ping"}) | WEB_UI_PATHS  # no API key needed
-GRACEFUL_SHUTDOWN_S = 3  # open streams get this long after SIGTERM before they are cut
 
 
 class APIKeyMiddleware:
@@ -66,9 +68,12 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-def build_app(client: AsyncEngineClient, api_key: str | None = None, web_ui: bool = True) -> FastAPI:
+def build_app(
+    client: AsyncEngineClient, api_key: str | None = None, web_ui: bool = True, max_request_body_bytes: int | None = None
+) -> FastAPI:
     """The app around a started engine client (the caller owns the client's life)."""
     app = FastAPI(title="pagedllm", version=pagedllm.__version__)
+    app.state.shutdown = ShutdownState()
     app.state.client = client
     app.state.metrics = client.stats_observer = ServerMetrics(client.info.model_name)
     app.state.completions = CompletionHandler(client, client.info.model_name)
@@ -76,6 +81,10 @@ def build_app(client: AsyncEngineClient, api_key: str | None = None, web_ui: boo
     install_error_handlers(app)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    # Added last = runs first: a draining server or an oversized body is refused before anything.
+    max_body = max_request_body_bytes or default_max_body_bytes(client.info.max_model_len)
+    app.add_middleware(RequestBodyLimit, max_bytes=max_body)
+    app.add_middleware(DrainGate, state=app.state.shutdown)
     _add_routes(app)
     if web_ui:
         add_web_ui_routes(app)
@@ -191,13 +200,16 @@ def run_server(args: argparse.Namespace) -> None:
 
 async def _serve(args: argparse.Namespace, engine_args: EngineArgs, sock: socket.socket) -> None:
     client = await AsyncEngineClient.start(engine_args)
+    # uvicorn re-raises the SIGTERM it caught once it has shut down; by then stopping is
+    # under way, and the default action would kill us before the engine is stopped.
+    previous_sigterm = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
-        app = build_app(client, api_key=args.api_key, web_ui=args.web_ui)
+        app = build_app(client, api_key=args.api_key, web_ui=args.web_ui, max_request_body_bytes=args.max_request_body_bytes)
         config = uvicorn.Config(
             app,
             log_level=args.log_level,
             access_log=args.access_log,
-            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+            timeout_graceful_shutdown=FLUSH_TIMEOUT_S,
         )
         host = f"[{args.host}]" if ":" in args.host else args.host
         logger.info(
@@ -206,9 +218,10 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, sock: socket
         )
         if args.web_ui:
             logger.info("chat page at %s", page_url(args.host, args.port))
-        await uvicorn.Server(config).serve(sockets=[sock])
+        await GracefulServer(config, client, app.state.shutdown, args.shutdown_timeout).serve(sockets=[sock])
     finally:
         await client.shutdown()
+        signal.signal(signal.SIGTERM, previous_sigterm)
         logger.info("engine stopped")
 
 
