@@ -8,6 +8,8 @@ of the context).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -40,12 +42,21 @@ class TorchAttentionBackend:
     name = "torch"
     supports_cuda_graphs = False  # it slices by the host lists (seq_lens_cpu), fixed in a graph
 
+    def __init__(self) -> None:
+        # What the decodes of one step gather, worked out by the first layer and reused by the
+        # others (30 layers in SmolLM2: on CPU a step is mostly per-op overhead). Keyed by the
+        # step's metadata object, which is held, so its id cannot be reused by a later step.
+        self._plan_meta: AttentionMetadata | None = None
+        self._plan: _DecodePlan | None = None
+
     def forward(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
+        if meta.num_decodes == meta.num_seqs:  # decodes only: the whole output in one call
+            return self._decode(query, k_cache, v_cache, meta, scale, self._decode_plan(meta, k_cache.shape[1]))
         out = torch.empty_like(query)
         if meta.num_decodes:
             nd = meta.num_decode_tokens
-            out[:nd] = self._decode(query[:nd], k_cache, v_cache, meta, scale)
+            out[:nd] = self._decode(query[:nd], k_cache, v_cache, meta, scale, self._decode_plan(meta, k_cache.shape[1]))
         for i in range(meta.num_decodes, meta.num_seqs):
             start, end = meta.query_start_loc_cpu[i], meta.query_start_loc_cpu[i + 1]
             out[start:end] = self._prefill(query[start:end], k_cache, v_cache, meta.block_tables[i], meta.seq_lens_cpu[i], scale)
@@ -69,20 +80,45 @@ class TorchAttentionBackend:
         )
         return o.transpose(0, 1)
 
+    def _decode_plan(self, meta: AttentionMetadata, block_size: int) -> _DecodePlan:
+        if self._plan_meta is not meta:
+            self._plan_meta, self._plan = meta, _DecodePlan.build(meta, block_size)
+        return self._plan
+
     @staticmethod
-    def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        nd = meta.num_decodes
-        block_size = k_cache.shape[1]
-        seq_lens = meta.seq_lens[:nd]
-        max_len = max(meta.seq_lens_cpu[:nd])
-        max_blocks = (max_len + block_size - 1) // block_size
-        tables = meta.block_tables[:nd, :max_blocks]
-        # (B, blocks, bs, Hkv, D) -> (B, Hkv, L, D)
-        k = gather_blocks(k_cache, tables).flatten(1, 2)[:, :max_len].transpose(1, 2)
-        v = gather_blocks(v_cache, tables).flatten(1, 2)[:, :max_len].transpose(1, 2)
-        mask = torch.arange(max_len, device=query.device)[None, :] < seq_lens[:, None]  # (B, L)
+    def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, plan: _DecodePlan | None = None) -> torch.Tensor:
+        plan = plan or _DecodePlan.build(meta, k_cache.shape[1])
+        nd, max_len = plan.slots.shape
+        # (slots, Hkv, D) -> (B, L, Hkv, D) -> (B, Hkv, L, D)
+        k = k_cache.flatten(0, 1).index_select(0, plan.flat_slots).view(nd, max_len, *k_cache.shape[2:]).transpose(1, 2)
+        v = v_cache.flatten(0, 1).index_select(0, plan.flat_slots).view(nd, max_len, *v_cache.shape[2:]).transpose(1, 2)
         q = query.unsqueeze(2)  # (B, H, 1, D)
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-        )
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
         return o.squeeze(2)
+
+
+@dataclass(frozen=True)
+class _DecodePlan:
+    """The cache slots every decode reads, padded to the longest context, and the mask that
+    hides the padding (None when all contexts have one length, as at batch 1).
+
+        block_tables[b] = [7, 2]  (block_size 4), seq_len 6  ->  slots[b] = 28 29 30 31 8 9
+    """
+
+    slots: torch.Tensor  # (B, max_len) int64
+    flat_slots: torch.Tensor  # slots.view(-1)
+    mask: torch.Tensor | None  # (B, 1, 1, max_len) bool
+
+    @staticmethod
+    def build(meta: AttentionMetadata, block_size: int) -> _DecodePlan:
+        nd = meta.num_decodes
+        lens = meta.seq_lens_cpu[:nd]
+        max_len = max(lens)
+        max_blocks = (max_len + block_size - 1) // block_size
+        device = meta.block_tables.device
+        offsets = torch.arange(block_size, device=device)
+        slots = (meta.block_tables[:nd, :max_blocks, None].long() * block_size + offsets).flatten(1)[:, :max_len]
+        mask = None
+        if min(lens) != max_len:
+            mask = (torch.arange(max_len, device=device)[None, :] < meta.seq_lens[:nd, None])[:, None, None, :]
+        return _DecodePlan(slots, slots.reshape(-1), mask)

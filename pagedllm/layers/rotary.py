@@ -53,19 +53,38 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(t, inv_freq)  # (max_position, head_dim / 2)
         self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
 
+        self._step: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: (T, H, D), k: (T, Hkv, D), positions: (T,). On CUDA q and k are rotated in
         place (one fused kernel) and returned; use the returned tensors either way."""
         ops = triton_ops_for(q)
         if ops is not None:
             return ops.rotary_inplace_(positions, q, k, self.cos_sin)
-        cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)  # (T, 1, D/2)
+        cos, sin = self._cos_sin(positions)  # (T, 1, D)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos = [c | c] and sin = [-s | s] at each position, (T, 1, D) float32."""
+        # One table serves every layer (get_rotary_embedding), so on CPU, where each op costs more
+        # than its arithmetic, the first layer's lookup is kept for the rest of the step. The key is
+        # the positions tensor itself (held, so its id is not reused). Not on GPUs: a CUDA graph
+        # replays its captured lookup on a static positions buffer whose contents change.
+        if self._step is not None and self._step[0] is positions:
+            return self._step[1]
+        cos, sin = self.cos_sin.index_select(0, positions).unsqueeze(1).chunk(2, dim=-1)  # (T, 1, D/2)
+        cos_sin = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)  # (T, 1, D), sin sign-folded
+        if positions.device.type == "cpu":
+            self._step = (positions, cos_sin)
+        return cos_sin
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    """[x1 | x2] -> [x1 cos - x2 sin | x2 cos + x1 sin], with cos = [c | c], sin = [-s | s]:
+    the same roundings as HF's x * cos + rotate_half(x) * sin, in fewer ops."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat([x2, x1], dim=-1) * sin).to(x.dtype)
 
 
 _SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
