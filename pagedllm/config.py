@@ -70,6 +70,7 @@ class EngineArgs:
     load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarks)
     skip_tokenizer_init: bool = False  # token-id prompts only; outputs carry no text
     async_scheduling: str = "auto"  # on: schedule step N+1 while the device runs step N; auto = on
+    quantization: str | None = None  # CPU: gguf (a GGUF's own 4-bit weights), int4, int8; None = dense
 
     def __post_init__(self) -> None:
         dtype = _DTYPE_ALIASES.get(self.dtype, self.dtype)
@@ -97,6 +98,8 @@ class EngineArgs:
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         if self.async_scheduling not in ("auto", "on", "off"):
             raise ValueError(f"async_scheduling must be auto, on or off, got {self.async_scheduling!r}")
+        if self.quantization not in (None, "gguf", "int4", "int8"):
+            raise ValueError(f"quantization must be gguf, int4 or int8 (or unset for dense weights); got {self.quantization!r}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
 

@@ -43,12 +43,15 @@ ENGINE_HELP: dict[str, str] = {
     "load_format": "auto, or dummy: random weights from config.json alone (benchmarks)",
     "skip_tokenizer_init": "no tokenizer: token-id prompts only, outputs carry no text",
     "async_scheduling": "on: prepare step N+1 while the device computes step N (outputs are the same); auto = on",
+    "quantization": "CPU: compute on quantized weights -- gguf (a GGUF file's own Q4_0/Q4_1 weights), "
+    "int4 or int8 (quantized at load); default: dense weights",
 }
 ENGINE_CHOICES: dict[str, list[str]] = {
     "dtype": ["auto", *DTYPES],
     "attention_backend": ["torch", "triton"],
     "load_format": ["auto", "dummy"],
     "async_scheduling": ["auto", "on", "off"],
+    "quantization": ["gguf", "int4", "int8"],
 }
 
 SAMPLING_HELP: dict[str, str] = {

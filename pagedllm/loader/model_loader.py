@@ -17,7 +17,7 @@ from tqdm import tqdm
 from pagedllm import envs
 from pagedllm.config import DTYPES, EngineArgs, ModelConfig
 from pagedllm.distributed import SINGLE_RANK, TensorParallelGroup, building_for
-from pagedllm.loader.checkpoint import Checkpoint, open_checkpoint
+from pagedllm.loader.checkpoint import Checkpoint, GGUFCheckpoint, open_checkpoint
 from pagedllm.models import get_model_class
 
 logger = logging.getLogger("pagedllm")
@@ -139,6 +139,10 @@ def load_model(args: EngineArgs, tp: TensorParallelGroup = SINGLE_RANK) -> Loade
             weights = _with_progress(weights, checkpoint.num_tensors, "loading weights")
         model.load_weights((name, tensor.to(dtype)) for name, tensor in weights)
     model.eval().requires_grad_(False)
+    if args.quantization is not None:
+        from pagedllm.loader.quantize import quantize_model
+
+        quantize_model(model, args.quantization, checkpoint.path if isinstance(checkpoint, GGUFCheckpoint) else None)
     tokenizer = _tokenizer(args, checkpoint)
     logger.info(
         "loaded %s (%s) from %s: %s, %s, %.1fM parameters%s, in %.2f s",

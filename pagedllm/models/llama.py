@@ -109,6 +109,7 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     # The one thing the Llama-shaped families change (qwen2.py, qwen3.py); the rest is shared.
     attention_class: type[nn.Module] = LlamaAttention
+    stacked_weights = STACKED  # which checkpoint matrices make up a merged layer (loader/quantize.py)
 
     def __init__(self, config) -> None:
         super().__init__()

@@ -1,0 +1,111 @@
+"""`quantization=gguf|int4|int8`: swap a loaded model's linear layers for ones that compute on
+quantized weights (layers/quantized_linear.py), and say which layer computes in which format.
+
+    gguf  the GGUF file's Q4_0 / Q4_1 matrices, packed as they are stored (no rounding of the
+          values; the scales go to bfloat16); matrices of other types stay dense
+    int4  any checkpoint: groups of 32 quantized at load (asymmetric, round to nearest)
+    int8  any checkpoint: per-row symmetric int8
+
+Merged projections (q/k/v -> qkv_proj, gate/up -> gate_up_proj) are packed from their GGUF parts
+when all the parts are Q4; the model class lists the merges (`stacked_weights`). The embedding
+and the LM head stay dense.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import mmap
+
+import torch
+from torch import nn
+
+from pagedllm.layers.quantized_linear import (
+    _Q4_BLOCK_BYTES,
+    QUANTIZATIONS,
+    Int4Weight,
+    int4_from_gguf,
+    kernel_dtype,
+    quantized_from,
+)
+
+logger = logging.getLogger("pagedllm")
+
+
+def read_gguf_int4(path: str) -> dict[str, Int4Weight]:
+    """The Q4_0 / Q4_1 matrices of a GGUF file as int4 groups, by transformers parameter name
+    (q/k rows put back in HF order, as the dequantizing loader does)."""
+    from pagedllm.loader import gguf
+
+    header = gguf.read_gguf_header(path)
+    arch = gguf._architecture(header)
+    heads = {}
+    if arch.permuted_qk:
+        prefix = header.architecture + ".attention."
+        num_heads = header.metadata[prefix + "head_count"]
+        heads = {"attn_q": num_heads, "attn_k": header.metadata.get(prefix + "head_count_kv", num_heads)}
+    out = {}
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        for info in header.tensors:
+            if info.ggml_type not in _Q4_BLOCK_BYTES or len(info.shape) != 2:
+                continue
+            raw = torch.frombuffer(bytearray(data[info.offset : info.offset + info.nbytes]), dtype=torch.uint8)
+            blocks = raw.view(info.shape[0], -1, _Q4_BLOCK_BYTES[info.ggml_type])  # (N, K / 32, bytes)
+            kind = info.name.split(".")[-2]
+            if kind in heads:  # a permutation of whole rows: the same on blocks as on values
+                blocks = gguf._unpermute_rotary(blocks, heads[kind])
+            out[arch.hf_name(info.name)] = int4_from_gguf(blocks, info.ggml_type)
+    return out
+
+
+def _linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _gguf_parts(layer_name: str, stacked: list[tuple[str, str, int]]) -> list[str]:
+    """HF parameter names whose rows make up our layer's weight, in order."""
+    parent, _, leaf = layer_name.rpartition(".")
+    parts = sorted((index, theirs) for ours, theirs, index in stacked if ours == leaf)
+    names = [f"{parent}.{theirs}" for _, theirs in parts] if parts else [layer_name]
+    return [f"{n}.weight" for n in names]
+
+
+def quantize_model(model: nn.Module, method: str, gguf_path: str | None = None, capability: str | None = None) -> dict[str, int]:
+    """Swap the linear layers in place; returns {format: number of layers}, which is logged."""
+    if method not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}; got {method!r}")
+    if method == "gguf" and gguf_path is None:
+        raise ValueError("quantization=gguf computes on a GGUF file's own 4-bit weights: load a .gguf model, or use int4 or int8")
+    layers = _linear_layers(model)
+    dense_format = str(next(model.parameters()).dtype).removeprefix("torch.")
+    compute = kernel_dtype(capability)
+    if compute is None or next(model.parameters()).device.type != "cpu":
+        logger.warning(
+            "quantization=%s: no fast quantized kernel on this %s (needs an x86 CPU with AVX2); layers stay %s",
+            method, torch.backends.cpu.get_cpu_capability(), dense_format,
+        )
+        return {dense_format: len(layers)}
+    packed = read_gguf_int4(gguf_path) if method == "gguf" else {}
+    stacked = getattr(type(model), "stacked_weights", [])
+    formats: collections.Counter = collections.Counter()
+    kinds: dict[str, set[str]] = collections.defaultdict(set)
+    for name, layer in layers:
+        weight = None
+        if method == "gguf":
+            parts = [packed.get(p) for p in _gguf_parts(name, stacked)]
+            if any(p is None for p in parts):  # some part is not Q4: keep the layer dense
+                formats[dense_format] += 1
+                kinds[dense_format].add(name.rpartition(".")[2])
+                continue
+            weight = Int4Weight.cat(parts)
+        fmt = "int8" if method == "int8" else "int4"
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), leaf, quantized_from(layer, weight, fmt, compute))
+        formats[fmt] += 1
+        kinds[fmt].add(leaf)
+    summary = "; ".join(f"{n} layers {fmt} ({', '.join(sorted(kinds[fmt]))})" for fmt, n in formats.items())
+    logger.info(
+        "quantization=%s: %s; activations %s around the %s kernels; embedding and LM head %s",
+        method, summary, str(compute).removeprefix("torch."), torch.backends.cpu.get_cpu_capability(), dense_format,
+    )
+    return dict(formats)
