@@ -21,6 +21,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention-backend", default=None, help="torch or triton (default: by device)")
     parser.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto",
                         help="engine: schedule step N+1 while step N runs (default: auto)")
+    parser.add_argument("--quantization", choices=["gguf", "int4", "int8"], default=None,
+                        help="engine on CPU: compute on quantized weights (default: dense)")
     parser.add_argument("--output-json", default=None, help="append one JSON line per figure to this file")
 
 
@@ -31,6 +33,8 @@ def engine_options(args: argparse.Namespace, gpu: bool, folder: str) -> tuple[st
         enforce_eager=args.enforce_eager, attention_backend=args.attention_backend, seed=0,
         async_scheduling=args.async_scheduling,
     )
+    if args.quantization:
+        options["quantization"] = args.quantization
     if gpu:
         options["gpu_memory_utilization"] = args.gpu_memory_utilization
     elif args.kv_cache_memory:

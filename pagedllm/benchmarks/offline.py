@@ -4,6 +4,7 @@
     pagedllm bench throughput --model-config llama-8b --peer hf   # GPU, random weights
     pagedllm bench latency --model-config smollm2-135m
     pagedllm bench all --model-config llama-1b --peer vllm --vllm-site /tmp/vsite   # one vLLM start-up
+    pagedllm bench latency --quantization gguf --peer llamacpp   # CPU: int4 compute vs llama.cpp, same GGUF
 
 `all` runs throughput then latency on one engine (and one vLLM child). With --peer vllm, vLLM runs
 first in a child process that exits (freeing the GPU) before our engine starts; each figure of
@@ -29,8 +30,11 @@ from pagedllm.benchmarks.workloads import Workload
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("workload", choices=["throughput", "latency", "all"], help="which workload (all: both)")
     add_engine_arguments(parser)
-    parser.add_argument("--peer", choices=["hf", "vllm", "none"], default="hf",
-                        help="peer measured in the same run: HF transformers in this process, or vLLM in a child process (default: hf)")
+    parser.add_argument("--peer", choices=["hf", "vllm", "llamacpp", "none"], default="hf",
+                        help="peer measured in the same run: HF transformers in this process, vLLM in a child process, "
+                             "or llama.cpp on the same GGUF file in a child process (default: hf)")
+    parser.add_argument("--peer-python", default=None,
+                        help="--peer llamacpp: the Python that has llama-cpp-python (default: this one)")
     parser.add_argument("--vllm-site", default=None,
                         help="--peer vllm: folder holding the unpacked vLLM bundle (default: $PAGEDLLM_VLLM_SITE, "
                              f"this environment, or {vllm_peer.DEFAULT_SITE})")
@@ -48,6 +52,12 @@ def main(args: argparse.Namespace) -> list[dict]:
 
     gpu = torch.cuda.is_available()
     device = "cuda" if gpu else "cpu"
+    if args.peer == "llamacpp":  # say how to install it before spending minutes on our side
+        from pagedllm.benchmarks import llamacpp_peer
+
+        python = args.peer_python or llamacpp_peer.default_python()
+        if not llamacpp_peer.available(python):
+            raise SystemExit(llamacpp_peer.INSTALL_HINT.format(python=python))
     tmp = tempfile.mkdtemp(prefix="pagedllm-bench-")
     model, options = engine_options(args, gpu, tmp)
     if gpu and args.workload == "all" and args.peer == "hf":
@@ -82,9 +92,13 @@ def main(args: argparse.Namespace) -> list[dict]:
                 peer_name, peer = "hf generate_batch (paged|sdpa)", peers.hf_generate_batch(hf, w, device)
             else:
                 peer_name, peer = "hf generate", peers.hf_generate(hf, w, device, args.peer_batch_size)
+        elif args.peer == "llamacpp":
+            source = llm.engine.core.runner.config.source
+            timing = llamacpp_peer.run(python, source, w.prompts, w.output_lens[0], torch.get_num_threads())
+            peer_name, peer = "llama.cpp (one sequence at a time)", timing["seconds"]
         result = dict(
             engine="pagedllm", workload=w.name, model=args.model_config or model_name,
-            dtype=str(dtype).removeprefix("torch."), machine=machine,
+            dtype=str(dtype).removeprefix("torch."), quantization=options.get("quantization"), machine=machine,
             async_scheduling=getattr(llm.engine.core, "async_scheduling", None), startup_s=round(startup, 2),
             **_figures(w, ours),
         )

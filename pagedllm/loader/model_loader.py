@@ -139,6 +139,7 @@ def load_model(args: EngineArgs, tp: TensorParallelGroup = SINGLE_RANK) -> Loade
             weights = _with_progress(weights, checkpoint.num_tensors, "loading weights")
         model.load_weights((name, tensor.to(dtype)) for name, tensor in weights)
     model.eval().requires_grad_(False)
+    num_params = sum(p.numel() for p in model.parameters())  # before packing turns weights into buffers
     if args.quantization is not None:
         from pagedllm.loader.quantize import quantize_model
 
@@ -151,7 +152,7 @@ def load_model(args: EngineArgs, tp: TensorParallelGroup = SINGLE_RANK) -> Loade
         checkpoint.source,
         str(dtype).removeprefix("torch."),
         device,
-        sum(p.numel() for p in model.parameters()) / 1e6,
+        num_params / 1e6,
         f" (rank {tp.rank} of {tp.world_size})" if tp.world_size > 1 else "",
         time.perf_counter() - start,
     )
