@@ -85,6 +85,8 @@ def test_kernel_choice_by_cpu_capability():
     assert isinstance(model[0], nn.Linear)
     assert quantize_model(model, "int8", capability="AVX2") == {"int8": 1}
     assert isinstance(model[0], Int8Linear)
+    odd = nn.Sequential(nn.Linear(48, 40))  # 40 outputs do not tile by 16: int4 keeps it dense
+    assert quantize_model(odd, "int4", capability="AVX2") == {"float32": 1}
 
 
 def test_gguf_quantization_needs_a_gguf_model():

@@ -22,6 +22,7 @@ from torch import nn
 
 from pagedllm.layers.quantized_linear import (
     _Q4_BLOCK_BYTES,
+    GROUP_SIZE,
     QUANTIZATIONS,
     Int4Weight,
     int4_from_gguf,
@@ -90,19 +91,17 @@ def quantize_model(model: nn.Module, method: str, gguf_path: str | None = None, 
     formats: collections.Counter = collections.Counter()
     kinds: dict[str, set[str]] = collections.defaultdict(set)
     for name, layer in layers:
-        weight = None
-        if method == "gguf":
-            parts = [packed.get(p) for p in _gguf_parts(name, stacked)]
-            if any(p is None for p in parts):  # some part is not Q4: keep the layer dense
-                formats[dense_format] += 1
-                kinds[dense_format].add(name.rpartition(".")[2])
-                continue
-            weight = Int4Weight.cat(parts)
-        fmt = "int8" if method == "int8" else "int4"
         parent_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), leaf, quantized_from(layer, weight, fmt, compute))
+        parts = [packed.get(p) for p in _gguf_parts(name, stacked)] if method == "gguf" else []
+        # Dense stay: GGUF layers with a part that is not Q4, and for int4 the shapes the kernel
+        # cannot tile (outputs by 16, inputs in groups of 32).
+        misfit = method != "int8" and (layer.out_features % 16 or layer.in_features % GROUP_SIZE)
+        fmt = dense_format if misfit or any(p is None for p in parts) else ("int8" if method == "int8" else "int4")
         formats[fmt] += 1
         kinds[fmt].add(leaf)
+        if fmt != dense_format:
+            weight = Int4Weight.cat(parts) if parts else None
+            setattr(model.get_submodule(parent_name), leaf, quantized_from(layer, weight, fmt, compute))
     summary = "; ".join(f"{n} layers {fmt} ({', '.join(sorted(kinds[fmt]))})" for fmt, n in formats.items())
     logger.info(
         "quantization=%s: %s; activations %s around the %s kernels; embedding and LM head %s",
