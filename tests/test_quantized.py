@@ -98,8 +98,12 @@ def test_gguf_quantization_needs_a_gguf_model():
 
 @needs_fast_kernel
 def test_gguf_quantized_greedy_matches_hf(hf_model, caplog):
-    with caplog.at_level(logging.INFO, logger="pagedllm"):
+    logger = logging.getLogger("pagedllm")  # it does not propagate to the root logger caplog watches
+    logger.addHandler(caplog.handler)
+    try:
         llm = LLM(dtype="float32", quantization="gguf", kv_cache_memory="64MiB", max_model_len=512)
+    finally:
+        logger.removeHandler(caplog.handler)
     assert "120 layers int4 (down_proj, gate_up_proj, o_proj, qkv_proj)" in caplog.text
     layers = llm.engine.core.runner.model.model.layers
     assert isinstance(layers[0].self_attn.qkv_proj, Int4Linear)
