@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import LlamaConfig, PretrainedConfig, PreTrainedTokenizerFast
+from transformers import LlamaConfig, PretrainedConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
 
 from pagedllm.loader.gguf_quants import BLOCK_SIZES, dequantize
 from pagedllm.loader.gguf_tokenizer import build_tokenizer
@@ -232,6 +232,14 @@ ARCHITECTURES = {
         "LlamaForCausalLM",
         {**_DECODER_CONFIG, "rope.dimension_count": "head_dim"},
         permuted_qk=True,
+    ),
+    # Qwen rotates halves as HF does, so llama.cpp's converter leaves q/k in HF's row order.
+    "qwen2": GGUFArchitecture(Qwen2Config, "Qwen2ForCausalLM", _DECODER_CONFIG),
+    "qwen3": GGUFArchitecture(
+        Qwen3Config,
+        "Qwen3ForCausalLM",
+        {**_DECODER_CONFIG, "attention.key_length": "head_dim"},
+        tensors=(_DECODER_TENSORS, {**_DECODER_LAYER_TENSORS, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}),
     ),
 }
 

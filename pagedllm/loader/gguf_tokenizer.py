@@ -8,7 +8,7 @@ re-parsing the 49k-entry vocabulary).
 
 from typing import Any
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
@@ -29,13 +29,33 @@ def _digits_then_byte_level():
     return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _gpt2_byte_level()])
 
 
+# Qwen2's tokenizer.json (Qwen2.5, Qwen3 too): GPT-2's contractions and words, but every digit alone.
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _qwen2_split_then_byte_level():
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+
+
 # tokenizer.ggml.pre -> the pre-tokenizer that model's tokenizer.json uses. Add entries here.
 PRE_TOKENIZERS = {
     "default": _gpt2_byte_level,
     "gpt-2": _gpt2_byte_level,
     "smollm": _digits_then_byte_level,
     "starcoder": _digits_then_byte_level,
+    "qwen2": _qwen2_split_then_byte_level,
 }
+# tokenizer.ggml.pre -> the normalizer of that model's tokenizer.json, where it has one. Qwen2's
+# composes Unicode (NFC) first; transformers' GGUF converter leaves that out, which only shows on
+# decomposed text ("e" + U+0301), where ours gives the ids the model was trained on.
+NORMALIZERS = {"qwen2": normalizers.NFC}
 
 
 def build_tokenizer(metadata: dict[str, Any]) -> PreTrainedTokenizerFast:
@@ -47,9 +67,11 @@ def build_tokenizer(metadata: dict[str, Any]) -> PreTrainedTokenizerFast:
         raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported yet; known: {sorted(PRE_TOKENIZERS)}.")
 
     tokens = metadata["tokenizer.ggml.tokens"]
-    merges = [tuple(merge.split(" ", 1)) for merge in metadata["tokenizer.ggml.merges"]]
+    merges = [tuple(merge.split(" ", 1)) for merge in metadata.get("tokenizer.ggml.merges", [])]
     backend = Tokenizer(models.BPE({token: i for i, token in enumerate(tokens)}, merges, fuse_unk=False))
     backend.pre_tokenizer = PRE_TOKENIZERS[pre]()
+    if pre in NORMALIZERS:
+        backend.normalizer = NORMALIZERS[pre]()
     backend.decoder = decoders.ByteLevel()
 
     # Control tokens (<|im_start|>, <|endoftext|>) and user-defined ones must match whole, never be cut by BPE.
