@@ -22,6 +22,9 @@ _VARIABLES: dict[str, Callable[[], Any]] = {
     "PAGEDLLM_API_KEY": lambda: os.environ.get("PAGEDLLM_API_KEY"),  # the server's --api-key default
     # "0": norms, rotary and gated activations run as torch ops on CUDA too (layers/fused.py)
     "PAGEDLLM_FUSED_KERNELS": lambda: os.environ.get("PAGEDLLM_FUSED_KERNELS", "1") != "0",
+    # where `pagedllm pull` puts model files (loader/catalogue.py)
+    "PAGEDLLM_MODEL_CACHE": lambda: os.environ.get("PAGEDLLM_MODEL_CACHE")
+    or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "pagedllm", "models"),
 }
 
 

