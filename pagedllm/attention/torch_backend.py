@@ -54,7 +54,8 @@ class TorchAttentionBackend:
         return out
 
     @staticmethod
-    def _prefill(query, k_cache, v_cache, block_table, seq_len: int, scale: float, sliding_window: int | None) -> torch.Tensor:
+    def _prefill(query, k_cache, v_cache, block_table, seq_len: int, scale: float,
+                 sliding_window: int | None = None) -> torch.Tensor:
         q_len = query.shape[0]
         k = gather_context(k_cache, block_table, seq_len).transpose(0, 1)  # (Hkv, L, D)
         v = gather_context(v_cache, block_table, seq_len).transpose(0, 1)
@@ -75,7 +76,8 @@ class TorchAttentionBackend:
         return o.transpose(0, 1)
 
     @staticmethod
-    def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, sliding_window: int | None) -> torch.Tensor:
+    def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                sliding_window: int | None = None) -> torch.Tensor:
         nd = meta.num_decodes
         block_size = k_cache.shape[1]
         seq_lens = meta.seq_lens[:nd]

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import LlamaConfig, PretrainedConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
+from transformers import Gemma3TextConfig, LlamaConfig, PretrainedConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
 
 from pagedllm.loader.gguf_quants import BLOCK_SIZES, dequantize
 from pagedllm.loader.gguf_tokenizer import build_tokenizer
@@ -203,6 +203,9 @@ _DECODER_CONFIG = {
 }
 
 
+_QK_NORM_TENSORS = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+
+
 @dataclass(frozen=True)
 class GGUFArchitecture:
     """How one llama.cpp architecture maps onto transformers. Add an entry to ARCHITECTURES to support one."""
@@ -213,6 +216,8 @@ class GGUFArchitecture:
     # llama.cpp's converter reorders the rows of q/k within each head (see `_unpermute_rotary`).
     permuted_qk: bool = False
     tensors: tuple[dict[str, str], dict[str, str]] = (_DECODER_TENSORS, _DECODER_LAYER_TENSORS)
+    # llama.cpp's converter stores Gemma's (1 + w) norm weights as 1 + w; transformers wants w back.
+    norms_stored_plus_one: bool = False
 
     def hf_name(self, gguf_name: str) -> str:
         global_names, layer_names = self.tensors
@@ -239,7 +244,18 @@ ARCHITECTURES = {
         Qwen3Config,
         "Qwen3ForCausalLM",
         {**_DECODER_CONFIG, "attention.key_length": "head_dim"},
-        tensors=(_DECODER_TENSORS, {**_DECODER_LAYER_TENSORS, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}),
+        tensors=(_DECODER_TENSORS, {**_DECODER_LAYER_TENSORS, **_QK_NORM_TENSORS}),
+    ),
+    # A Gemma 3 GGUF holds only the text model. What the file does not say (query_pre_attn_scalar, the
+    # local rope base, the 5:1 pattern of local and global layers) takes Gemma3TextConfig's defaults, as
+    # in transformers.
+    "gemma3": GGUFArchitecture(
+        Gemma3TextConfig,
+        "Gemma3ForCausalLM",
+        {**_DECODER_CONFIG, "attention.key_length": "head_dim", "attention.sliding_window": "sliding_window"},
+        tensors=(_DECODER_TENSORS, {**_DECODER_LAYER_TENSORS, **_QK_NORM_TENSORS, "ffn_norm": "pre_feedforward_layernorm",
+                                    "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}),
+        norms_stored_plus_one=True,
     ),
 }
 
@@ -312,6 +328,9 @@ def iter_gguf_weights(path: str, dtype: torch.dtype) -> Iterator[tuple[str, torc
         # Not closed explicitly: each tensor read from it holds it open until garbage-collected.
         data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     for info, hf_name in zip(header.tensors, hf_names):
+        if arch.norms_stored_plus_one and hf_name.endswith("norm.weight"):  # in float32, then rounded once
+            yield hf_name, (_read_tensor(data, info, torch.float32) - 1).to(dtype)
+            continue
         weight = _read_tensor(data, info, dtype)
         kind = info.name.split(".")[-2]  # "blk.0.attn_q.weight" -> "attn_q"
         if kind in permuted_heads:
