@@ -45,6 +45,7 @@ def test_tokenizer_matches_transformers(gemma_gguf, hf_gemma):
         assert ids == theirs(text)["input_ids"], text
         assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True)
     assert len(ours) == len(theirs) == 262144
+    assert ours.special_tokens_map == theirs.special_tokens_map and ours.all_special_ids == theirs.all_special_ids
 
 
 def test_weights_match_transformers(gemma_gguf, hf_gemma):

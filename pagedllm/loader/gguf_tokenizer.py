@@ -93,6 +93,8 @@ def build_tokenizer(metadata: dict[str, Any]) -> PreTrainedTokenizerFast:
         eos_token=token("eos"),
         unk_token=token("unknown"),
         pad_token=token("padding"),
+        # GemmaTokenizer's mask token, which the file does not name.
+        **({"mask_token": "<mask>"} if kind == "llama" and "<mask>" in tokens else {}),
         # llama.cpp adds BOS to a SentencePiece vocabulary whose file does not say otherwise.
         add_bos_token=metadata.get("tokenizer.ggml.add_bos_token", kind == "llama"),
         add_eos_token=metadata.get("tokenizer.ggml.add_eos_token", False),
