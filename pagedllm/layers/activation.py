@@ -43,14 +43,6 @@ class GeluAndMul(GatedActivation):
         return F.gelu(gate, approximate="tanh")
 
 
-class GeluTanhAndMul(nn.Module):
-    """x = [gate | up] -> gelu_tanh(gate) * up (GeGLU, Gemma's MLP)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = x.chunk(2, dim=-1)
-        return F.gelu(gate, approximate="tanh") * up
-
-
 # HF `activation_function` / `hidden_act` names -> the elementwise function.
 # gelu_new (GPT-2) is the tanh approximation, the same curve torch computes with approximate="tanh".
 _ACTIVATIONS = {

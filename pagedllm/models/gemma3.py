@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from pagedllm.attention import AttentionMetadata
-from pagedllm.layers.activation import GeluTanhAndMul
+from pagedllm.layers.activation import GeluAndMul
 from pagedllm.layers.attention import PagedAttention
 from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear
 from pagedllm.layers.norm import GemmaRMSNorm
@@ -81,7 +81,7 @@ class Gemma3MLP(nn.Module):
         if config.hidden_activation != "gelu_pytorch_tanh":
             raise ValueError(f"Gemma 3 with hidden_activation {config.hidden_activation!r} is not supported (gelu_pytorch_tanh is)")
         self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2)
-        self.act = GeluTanhAndMul()
+        self.act = GeluAndMul()
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
