@@ -169,9 +169,9 @@ def test_write_kv_cache_skips_padding_slots(dtype):
     assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want)
 
 
-@pytest.mark.parametrize("window", [1, 7, 16, 40])
+@pytest.mark.parametrize("window", [1, 20])
 def test_sliding_window_matches_torch(window):
-    """Windows shorter than a key tile, equal to a page, and longer than some contexts; through the
+    """A window of only the query itself, and one longer than a key tile and some contexts; through the
     backends (decodes and chunks of one step), small prefill tiles and split-K decode."""
     got, want = run_both(MIXED, 4, 16, 4, 2, 64, torch.float32, sliding_window=window)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
