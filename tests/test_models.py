@@ -19,6 +19,7 @@ from reference import check_logprobs_close, hf_greedy
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
@@ -70,6 +71,18 @@ CASES = {
     "opt-350m-style": (
         lambda v: OPTConfig(vocab_size=v, word_embed_proj_dim=32, do_layer_norm_before=False, **OPT_SHAPE),
         "OPTForCausalLM",
+    ),
+    # A window of 8 that the ~35-token prompt outgrows (in prefill chunks and in decode), local and
+    # global layers with their own rope bases, head_dim != hidden / heads, logits soft-capped.
+    "gemma3": (
+        lambda v: Gemma3TextConfig(
+            vocab_size=v, head_dim=32, query_pre_attn_scalar=24, sliding_window=8, final_logit_softcapping=30.0,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                             "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}},
+            **{**LLAMA_SHAPE, "num_hidden_layers": 3},
+        ),
+        "Gemma3ForCausalLM",
     ),
     "gpt2": (lambda v: GPT2Config(vocab_size=v, n_embd=64, n_layer=2, n_head=4, n_positions=256, **IDS), "GPT2LMHeadModel"),
 }

@@ -66,13 +66,13 @@ def make_step(seqs, num_decodes, block_size, num_kv_heads, head_dim, dtype, seed
     return meta, k_cache, v_cache, key, value
 
 
-def run_both(seqs, num_decodes, block_size, num_heads, num_kv_heads, head_dim, dtype):
+def run_both(seqs, num_decodes, block_size, num_heads, num_kv_heads, head_dim, dtype, sliding_window=None):
     meta, k_cache, v_cache, key, value = make_step(seqs, num_decodes, block_size, num_kv_heads, head_dim, dtype)
     query = torch.randn(key.shape[0], num_heads, head_dim).to(dtype)
     scale = head_dim**-0.5
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    want = TorchAttentionBackend().forward(query, key, value, k_ref, v_ref, meta, scale)
-    got = TritonAttentionBackend().forward(query, key, value, k_cache, v_cache, meta, scale)
+    want = TorchAttentionBackend().forward(query, key, value, k_ref, v_ref, meta, scale, sliding_window)
+    got = TritonAttentionBackend().forward(query, key, value, k_cache, v_cache, meta, scale, sliding_window)
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref), "cache write differs"
     return got.float(), want.float()
 
@@ -167,3 +167,30 @@ def test_write_kv_cache_skips_padding_slots(dtype):
     v_want.view(-1, 2, 96)[[37, 5]] = value[[0, 2]]
     kernels.write_kv_cache(key, value, k_cache, v_cache, slots)
     assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want)
+
+
+@pytest.mark.parametrize("window", [1, 20])
+def test_sliding_window_matches_torch(window):
+    """A window of only the query itself, and one longer than a key tile and some contexts; through the
+    backends (decodes and chunks of one step), small prefill tiles and split-K decode."""
+    got, want = run_both(MIXED, 4, 16, 4, 2, 64, torch.float32, sliding_window=window)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+    seqs = [(70, 70), (90, 45), (33, 33)]
+    meta, k_cache, v_cache, key, value = make_step(seqs, 0, 16, 1, 64, torch.float32)
+    query = torch.randn(key.shape[0], 3, 64)
+    want = TorchAttentionBackend().forward(query, key, value, k_cache, v_cache, meta, 0.125, window)
+    got = torch.full_like(query, float("nan"))
+    kernels.prefill_attention(got, query, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
+                              0.125, first_seq=0, num_seqs=3, max_query_len=70, block_m=16, block_n=16,
+                              sliding_window=window)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+    meta, k_cache, v_cache, key, value = make_step([(300, 1), (32, 1), (1, 1)], 3, 16, 2, 64, torch.float32)
+    query = torch.randn(3, 4, 64)
+    kernels.write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
+    want = TorchAttentionBackend._decode(query, k_cache, v_cache, meta, 0.125, window)
+    got = torch.full_like(query, float("nan"))
+    kernels.decode_attention(got, query, k_cache, v_cache, meta.block_tables, meta.seq_lens, 0.125, max_seq_len=512,
+                             num_partitions=19, min_partition=16, block_n=16, sliding_window=window)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

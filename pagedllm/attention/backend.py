@@ -25,6 +25,7 @@ class AttentionBackend(Protocol):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        sliding_window: int | None = None,  # a query at position p sees keys at positions > p - sliding_window
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         """Write key/value into the cache at meta.slot_mapping, then attend."""
         ...

@@ -45,45 +45,56 @@ class TorchAttentionBackend:
     def __init__(self) -> None:
         # What the decodes of one step gather, worked out by the first layer and reused by the
         # others (30 layers in SmolLM2: on CPU a step is mostly per-op overhead). Keyed by the
-        # step's metadata object, which is held, so its id cannot be reused by a later step.
-        self._plan_meta: AttentionMetadata | None = None
-        self._plan: _DecodePlan | None = None
+        # step's metadata object (held, so its id cannot be reused by a later step) and the
+        # layer's sliding window (local and global layers interleave in Gemma 3).
+        self._plans: dict[int | None, _DecodePlan] = {}
+        self._plans_meta: AttentionMetadata | None = None
 
-    def forward(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                sliding_window: int | None = None) -> torch.Tensor:
         write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
         if meta.num_decodes == meta.num_seqs:  # decodes only: the whole output in one call
-            return self._decode(query, k_cache, v_cache, meta, scale, self._decode_plan(meta, k_cache.shape[1]))
+            return self._decode(query, k_cache, v_cache, meta, scale, self._decode_plan(meta, k_cache.shape[1], sliding_window))
         out = torch.empty_like(query)
         if meta.num_decodes:
             nd = meta.num_decode_tokens
-            out[:nd] = self._decode(query[:nd], k_cache, v_cache, meta, scale, self._decode_plan(meta, k_cache.shape[1]))
+            plan = self._decode_plan(meta, k_cache.shape[1], sliding_window)
+            out[:nd] = self._decode(query[:nd], k_cache, v_cache, meta, scale, plan)
         for i in range(meta.num_decodes, meta.num_seqs):
             start, end = meta.query_start_loc_cpu[i], meta.query_start_loc_cpu[i + 1]
-            out[start:end] = self._prefill(query[start:end], k_cache, v_cache, meta.block_tables[i], meta.seq_lens_cpu[i], scale)
+            out[start:end] = self._prefill(query[start:end], k_cache, v_cache, meta.block_tables[i], meta.seq_lens_cpu[i],
+                                           scale, sliding_window)
         return out
 
     @staticmethod
-    def _prefill(query, k_cache, v_cache, block_table, seq_len: int, scale: float) -> torch.Tensor:
+    def _prefill(query, k_cache, v_cache, block_table, seq_len: int, scale: float,
+                 sliding_window: int | None = None) -> torch.Tensor:
         q_len = query.shape[0]
         k = gather_context(k_cache, block_table, seq_len).transpose(0, 1)  # (Hkv, L, D)
         v = gather_context(v_cache, block_table, seq_len).transpose(0, 1)
         q = query.transpose(0, 1)  # (H, Q, D)
-        if q_len == seq_len:
+        if q_len == seq_len and sliding_window is None:
             mask = None
             causal = True
         else:  # query i sits at context position seq_len - q_len + i
             pos_q = torch.arange(seq_len - q_len, seq_len, device=query.device)[:, None]
-            mask = torch.arange(seq_len, device=query.device)[None, :] <= pos_q
+            pos_k = torch.arange(seq_len, device=query.device)[None, :]
+            mask = pos_k <= pos_q
+            if sliding_window is not None:
+                mask &= pos_k > pos_q - sliding_window
             causal = False
         o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=q.shape[0] != k.shape[0]
         )
         return o.transpose(0, 1)
 
-    def _decode_plan(self, meta: AttentionMetadata, block_size: int) -> _DecodePlan:
-        if self._plan_meta is not meta:
-            self._plan_meta, self._plan = meta, _DecodePlan.build(meta, block_size)
-        return self._plan
+    def _decode_plan(self, meta: AttentionMetadata, block_size: int, sliding_window: int | None) -> _DecodePlan:
+        if self._plans_meta is not meta:
+            self._plans_meta, self._plans = meta, {}
+        plan = self._plans.get(sliding_window)
+        if plan is None:
+            plan = self._plans[sliding_window] = _DecodePlan.build(meta, block_size, sliding_window)
+        return plan
 
     @staticmethod
     def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, plan: _DecodePlan | None = None) -> torch.Tensor:
@@ -100,7 +111,8 @@ class TorchAttentionBackend:
 @dataclass(frozen=True)
 class _DecodePlan:
     """The cache slots every decode reads, padded to the longest context, and the mask that
-    hides the padding (None when all contexts have one length, as at batch 1).
+    hides the padding and, in a sliding-window layer, what lies before the window (None when
+    all contexts have one length and there is no window, as at batch 1).
 
         block_tables[b] = [7, 2]  (block_size 4), seq_len 6  ->  slots[b] = 28 29 30 31 8 9
     """
@@ -110,7 +122,7 @@ class _DecodePlan:
     mask: torch.Tensor | None  # (B, 1, 1, max_len) bool
 
     @staticmethod
-    def build(meta: AttentionMetadata, block_size: int) -> _DecodePlan:
+    def build(meta: AttentionMetadata, block_size: int, sliding_window: int | None = None) -> _DecodePlan:
         nd = meta.num_decodes
         lens = meta.seq_lens_cpu[:nd]
         max_len = max(lens)
@@ -119,6 +131,12 @@ class _DecodePlan:
         offsets = torch.arange(block_size, device=device)
         slots = (meta.block_tables[:nd, :max_blocks, None].long() * block_size + offsets).flatten(1)[:, :max_len]
         mask = None
+        positions = torch.arange(max_len, device=device)[None, :]
         if min(lens) != max_len:
-            mask = (torch.arange(max_len, device=device)[None, :] < meta.seq_lens[:nd, None])[:, None, None, :]
+            mask = positions < meta.seq_lens[:nd, None]  # the query sits at seq_len - 1
+        if sliding_window is not None and max_len > sliding_window:
+            in_window = positions >= meta.seq_lens[:nd, None] - sliding_window
+            mask = in_window if mask is None else mask & in_window
+        if mask is not None:
+            mask = mask[:, None, None, :]
         return _DecodePlan(slots, slots.reshape(-1), mask)

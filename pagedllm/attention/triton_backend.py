@@ -24,16 +24,17 @@ class TritonAttentionBackend:
     name = "triton"
     supports_cuda_graphs = True  # decode reads device tensors and the fixed max_seq_len only
 
-    def forward(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                sliding_window: int | None = None) -> torch.Tensor:
         kernels.write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(query)
         nd = meta.num_decodes
         if nd:
             assert meta.num_decode_tokens == nd, "the decode kernel takes one query token per sequence"
             kernels.decode_attention(out[:nd], query[:nd], k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                     scale, meta.max_seq_len)
+                                     scale, meta.max_seq_len, sliding_window=sliding_window)
         if meta.num_prefills:
             kernels.prefill_attention(out, query, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                       meta.query_start_loc, scale, first_seq=nd, num_seqs=meta.num_prefills,
-                                      max_query_len=meta.max_query_len)
+                                      max_query_len=meta.max_query_len, sliding_window=sliding_window)
         return out

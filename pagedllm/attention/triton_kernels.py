@@ -57,12 +57,13 @@ def _load_rows(cache_ptr, rows, valid, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.
 def _attend(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, lo, hi, qk_scale,
             stride_block, stride_slot, stride_head,
             MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-            HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
+            HEAD_DIM_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, window=0):
     """Online softmax of the q rows over context positions [lo, hi), BLOCK_N keys at a time.
 
     Carries (running max m_i, running sum l_i, unnormalised output acc) in fp32. MASK is
     "none" (every key visible to every row), "bounds" (the last tile may run past hi) or
-    "causal" (row r sees keys at positions <= q_pos[r]; tiles past hi are masked by it).
+    "causal" (row r sees keys at positions <= q_pos[r]; tiles past hi are masked by it) or
+    "sliding" (causal, and only keys at positions > q_pos[r] - window).
     """
     for start in range(lo, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
@@ -73,6 +74,9 @@ def _attend(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_ptr, kv_hea
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (M, N), log2 domain
         if MASK == "causal":
             s = tl.where(pos[None, :] <= q_pos[:, None], s, float("-inf"))
+        elif MASK == "sliding":
+            visible = (pos[None, :] <= q_pos[:, None]) & (pos[None, :] > q_pos[:, None] - window)
+            s = tl.where(visible, s, float("-inf"))
         elif MASK == "bounds":
             s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -114,12 +118,12 @@ def _write_kv_kernel(key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_
 # would stall a step for a compilation in the middle of serving.
 @triton.jit(do_not_specialize=["first_seq", "stride_table"])
 def _prefill_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
-                    qk_scale, first_seq,
+                    qk_scale, first_seq, window,
                     stride_q_tok, stride_q_head, stride_o_tok, stride_o_head, stride_table,
                     stride_block, stride_slot, stride_head,
                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, SLIDING: tl.constexpr = False):
     """Grid (num_prefills, cdiv(max_query_len, BLOCK_Q), num_kv_heads), BLOCK_Q = BLOCK_M // GROUP.
 
     The query tile is BLOCK_Q tokens x GROUP heads, token-major, in BLOCK_M rows (the last
@@ -169,12 +173,18 @@ def _prefill_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, 
     first_pos = ctx_start + q_tile * BLOCK_Q
     full_end = (first_pos + 1) // BLOCK_N * BLOCK_N
     kv_end = ctx_start + tl.minimum((q_tile + 1) * BLOCK_Q, q_len)
-    m_i, l_i, acc = _attend(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, kv_head, 0, full_end, qk_scale,
-                            stride_block, stride_slot, stride_head, "none", BLOCK_N, BLOCK_SIZE, HEAD_DIM,
-                            HEAD_DIM_PAD, DOT_PRECISION)
-    m_i, l_i, acc = _attend(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, kv_head, full_end, kv_end,
-                            qk_scale, stride_block, stride_slot, stride_head, "causal", BLOCK_N, BLOCK_SIZE,
-                            HEAD_DIM, HEAD_DIM_PAD, DOT_PRECISION)
+    if SLIDING:  # keys from the tile's first query's window start on, each row masked to its own window
+        window_start = tl.maximum(first_pos - window + 1, 0) // BLOCK_N * BLOCK_N
+        m_i, l_i, acc = _attend(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, kv_head, window_start,
+                                kv_end, qk_scale, stride_block, stride_slot, stride_head, "sliding", BLOCK_N,
+                                BLOCK_SIZE, HEAD_DIM, HEAD_DIM_PAD, DOT_PRECISION, window)
+    else:
+        m_i, l_i, acc = _attend(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, kv_head, 0, full_end,
+                                qk_scale, stride_block, stride_slot, stride_head, "none", BLOCK_N, BLOCK_SIZE,
+                                HEAD_DIM, HEAD_DIM_PAD, DOT_PRECISION)
+        m_i, l_i, acc = _attend(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, kv_head, full_end, kv_end,
+                                qk_scale, stride_block, stride_slot, stride_head, "causal", BLOCK_N, BLOCK_SIZE,
+                                HEAD_DIM, HEAD_DIM_PAD, DOT_PRECISION)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_ptr + tok[:, None] * stride_o_tok + head[:, None] * stride_o_head + dims[None, :],
@@ -201,7 +211,7 @@ def _decode_kernel(out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
                    stride_block, stride_slot, stride_head,
                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                   MIN_PARTITION: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   MIN_PARTITION: tl.constexpr, DOT_PRECISION: tl.constexpr, window=0, SLIDING: tl.constexpr = False):
     """Grid (num_decodes, num_kv_heads, num_partitions): one query token per sequence.
 
     Split-K: each sequence's context is cut into up to num_partitions pieces of equal
@@ -228,6 +238,8 @@ def _decode_kernel(out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
         return
     part_start = part * part_len
     part_end = tl.minimum(part_start + part_len, seq_len)
+    if SLIDING:  # the query (at seq_len - 1) sees the last `window` keys; a partition before them sees none
+        part_start = tl.minimum(tl.maximum(part_start, seq_len - window), part_end)
 
     # Rows are the GROUP query heads of this kv head, padded to >= 16 for tl.dot.
     rows = tl.arange(0, GROUP_PAD)
@@ -353,8 +365,10 @@ def prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> t
 
 def prefill_attention(out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale: float,
                       first_seq: int, num_seqs: int, max_query_len: int, block_m: int | None = None,
-                      block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None) -> None:
-    """Causal attention of sequences first_seq .. first_seq + num_seqs - 1 (chunks of any length).
+                      block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+                      sliding_window: int | None = None) -> None:
+    """Causal attention of sequences first_seq .. first_seq + num_seqs - 1 (chunks of any length);
+    with sliding_window, a query at position p sees keys at positions > p - sliding_window only.
 
     out/query: [T, H, D], rows taken through query_start_loc. block_m is the query tile
     in rows (tokens x GQA group); block_n the key tile; unset ones come from prefill_config.
@@ -371,11 +385,11 @@ def prefill_attention(out, query, k_cache, v_cache, block_tables, seq_lens, quer
     grid = (num_seqs, triton.cdiv(max_query_len, block_m // group), num_kv_heads)
     _prefill_kernel[grid](
         out, query, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale * LOG2E, first_seq,
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        sliding_window or 0, query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         *_cache_strides(k_cache),
         GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=k_cache.shape[1],
         HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), DOT_PRECISION=_dot_precision(query.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        SLIDING=sliding_window is not None, num_warps=num_warps, num_stages=num_stages,
     )
 
 
@@ -392,7 +406,7 @@ def decode_num_partitions(num_seqs: int, num_kv_heads: int, max_seq_len: int, mi
 
 def decode_attention(out, query, k_cache, v_cache, block_tables, seq_lens, scale: float, max_seq_len: int,
                      num_partitions: int | None = None, min_partition: int = 128, block_n: int = 64,
-                     num_warps: int = 4, num_stages: int = 2) -> None:
+                     num_warps: int = 4, num_stages: int = 2, sliding_window: int | None = None) -> None:
     """One query token per sequence: out/query [num_seqs, H, D], seq_lens/block_tables indexed alike.
 
     CUDA-graph safe: nothing is read from the device here. max_seq_len is a Python upper
@@ -422,7 +436,8 @@ def decode_attention(out, query, k_cache, v_cache, block_tables, seq_lens, scale
         num_partitions, query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         *_cache_strides(k_cache),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=k_cache.shape[1],
-        DOT_PRECISION=_dot_precision(query.dtype), **common, num_warps=num_warps, num_stages=num_stages,
+        DOT_PRECISION=_dot_precision(query.dtype), **common, window=sliding_window or 0,
+        SLIDING=sliding_window is not None, num_warps=num_warps, num_stages=num_stages,
     )
     if num_partitions > 1:
         _decode_reduce_kernel[(num_seqs, num_heads)](

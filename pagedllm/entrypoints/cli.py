@@ -7,6 +7,7 @@
     pagedllm bench serve --base-url http://127.0.0.1:8000 --num-prompts 64 --max-concurrency 8
     pagedllm bench throughput | latency | all        # the offline engine against a peer (--peer hf|vllm)
     pagedllm bench profile                           # GPU busy time against wall time, per engine step
+    pagedllm models                                  # the catalogue of real models; pagedllm pull NAME fetches one
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pagedllm.entrypoints.user_errors import user_message
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagedllm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=_version())
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{serve,chat,generate,bench}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{serve,chat,generate,bench,pull,models}")
 
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server", description="Start the OpenAI-compatible server.")
     add_engine_args(serve, model_positional=True)
@@ -57,6 +58,9 @@ def make_parser() -> argparse.ArgumentParser:
         offline.set_defaults(handler=_offline_bench, workload=workload, forwards_options=True)
     profile = kinds.add_parser("profile", help="GPU busy vs wall time per engine step (see --help)", add_help=False)
     profile.set_defaults(handler=_profile_bench, forwards_options=True)
+    from pagedllm.entrypoints import cli_models
+
+    cli_models.add_commands(commands)
     return parser
 
 

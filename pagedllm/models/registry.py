@@ -9,6 +9,7 @@ from torch import nn
 
 # architecture name -> (module, class)
 _MODELS: dict[str, tuple[str, str]] = {
+    "Gemma3ForCausalLM": ("gemma3", "Gemma3ForCausalLM"),
     "GPT2LMHeadModel": ("gpt2", "GPT2LMHeadModel"),
     "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("llama", "LlamaForCausalLM"),
