@@ -38,6 +38,8 @@ ENGINE_HELP: dict[str, str] = {
     "attention_backend": "torch or triton (default: triton on CUDA, torch elsewhere)",
     "enforce_eager": "GPU: no CUDA graphs",
     "tensor_parallel_size": "split the model over this many GPUs (or CPU processes), one worker process each",
+    "distributed_executor_backend": "how the ranks run: mp = worker processes on this machine, ray = Ray actors "
+    "on this machine or a Ray cluster (pip install 'pagedllm[ray]'; see docs/distributed.md)",
     "chat_template": "chat template: a Jinja file or inline text (default: the tokenizer's)",
     "trust_remote_code": "allow the model's own code from its folder (transformers' trust_remote_code)",
     "load_format": "auto, or dummy: random weights from config.json alone (benchmarks)",
@@ -49,6 +51,7 @@ ENGINE_CHOICES: dict[str, list[str]] = {
     "attention_backend": ["torch", "triton"],
     "load_format": ["auto", "dummy"],
     "async_scheduling": ["auto", "on", "off"],
+    "distributed_executor_backend": ["mp", "ray"],
 }
 
 SAMPLING_HELP: dict[str, str] = {
