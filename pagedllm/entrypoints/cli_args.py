@@ -128,6 +128,11 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="on SIGTERM, how long running requests may go on before they are aborted (default: 5)",
     )
+    group.add_argument(
+        "--data-parallel-size", type=int, default=1, metavar="N",
+        help="run N engine cores (replicas of the model, each on its own GPUs, or its share of the CPU cores) behind "
+        "this server; requests go to the least busy (default: 1)",
+    )
     group.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False, help="log every HTTP request (default: off)")
     group.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="server log level (default: info)"
