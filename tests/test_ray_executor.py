@@ -25,11 +25,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def ray_llm(checkpoints):
-    """A local Ray instance (10-30 s to start on a busy 2-core machine; its CPUs are logical:
-    one per rank's placement bundle) and an engine of two Ray actors on it, for the module:
-    the tests that follow run it, then kill one of its actors."""
+    """A local Ray instance (10-30 s to start on a busy 2-core machine) and an engine of two
+    Ray actors on it, for the module: the tests that follow run it, then kill one of its actors.
+    Ray's CPUs are logical: two, one per rank's placement bundle (Ray starts a worker process
+    per CPU ahead of time, which the actors then take)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no report home from CI
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     llm = LLM(checkpoints("llama"), tensor_parallel_size=2, distributed_executor_backend="ray", **ENGINE)
     yield llm
     llm.engine.core.shutdown()
