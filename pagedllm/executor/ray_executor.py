@@ -1,9 +1,9 @@
 """RayExecutor: one Ray actor per tensor-parallel rank, on this machine or across a Ray cluster.
 
     engine core (driver, holds no rank)          Ray actors in one placement group, ranks 0 .. N-1
-      ray.put(SchedulerOutput) once ---------->  every actor: Worker.execute(step)
-      ray.wait on every rank's reply  <--------  rank 0: the step's ModelRunnerOutput; others None
-                                                 a dead actor: its reply is a RayActorError
+      sample_tokens: ray.put(step) once ------>  every actor: Worker.execute(step, grammar bitmask)
+      future.result(): ray.wait on every  <----  rank 0: the step's ModelRunnerOutput; others None
+        rank's reply                             a dead actor: its reply is a RayActorError
 
 Each actor wraps the same `Worker` as a process of MultiprocExecutor does, and the ranks meet
 through a TCPStore the driver hosts on its node's address. The failure rules are those of
@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +32,7 @@ import torch.distributed as dist
 
 from pagedllm.config import EngineArgs
 from pagedllm.core.interface import ModelRunnerOutput, SchedulerOutput
-from pagedllm.executor.abstract import Executor
+from pagedllm.executor.abstract import Executor, StepFuture
 from pagedllm.executor.worker import Worker, WorkerSpec
 from pagedllm.loader.model_loader import describe_model
 
@@ -50,6 +49,7 @@ logger = logging.getLogger("pagedllm")
 PLACEMENT_TIMEOUT_S = 120.0  # how long to wait for the cluster to offer the ranks' resources
 _HEALTH_TIMEOUT_S = 10.0  # an idle actor answers a ping within this (a busy host may be slow)
 _STOP_TIMEOUT_S = 5.0  # actors asked to stop get this long before they are killed
+_DEATH_GRACE_S = 2.0  # after one rank's failure, how long the others get to report theirs
 
 
 @dataclass(frozen=True)
@@ -77,9 +77,9 @@ class RankActor:
         self.worker = Worker(spec)
         return self.worker.num_blocks
 
-    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
+    def execute(self, scheduler_output: SchedulerOutput, grammar_bitmask) -> ModelRunnerOutput | None:
         assert self.worker is not None, "start() first"
-        return self.worker.execute(scheduler_output)
+        return self.worker.execute(scheduler_output, grammar_bitmask)
 
     def ping(self) -> None:
         pass
@@ -105,6 +105,7 @@ class RayExecutor(Executor):
         self._actors: list[Any] = []
         self._places: list[ActorPlace | None] = [None] * world_size
         self._error: RuntimeError | None = None
+        self._pending: SchedulerOutput | None = None
         self._placement = placement_group([{"GPU": 1, "CPU": 1} if on_gpu else {"CPU": 1}] * world_size, strategy="PACK")
         try:
             self._start(args, max_num_batched_tokens, world_size, on_gpu)
@@ -147,18 +148,23 @@ class RayExecutor(Executor):
             "NCCL" if on_gpu else "gloo", time.perf_counter() - start,
         )
 
-    def execute(self, scheduler_output: SchedulerOutput, while_running: Callable[[], None] | None = None) -> ModelRunnerOutput:
-        refs = self._launch(scheduler_output)
-        if while_running is not None:
-            while_running()
-        return self._gather(refs)[0]
+    def execute_model(self, scheduler_output: SchedulerOutput) -> None:
+        # Sent with the sampling call: an actor runs a whole step per call, while this process
+        # (the engine core) prepares the next one.
+        self._pending = scheduler_output
 
-    def _launch(self, scheduler_output: SchedulerOutput) -> list[Any]:
-        """Send one step to every rank (every rank runs it: the collectives need all of them)."""
+    def sample_tokens(self, grammar_bitmask=None) -> StepFuture:
+        step, self._pending = self._pending, None
+        return _StepReplies(self, self._launch(step, grammar_bitmask))
+
+    def _launch(self, scheduler_output: SchedulerOutput, grammar_bitmask) -> list[Any]:
+        """Send one step to every rank (every rank runs it: the collectives need all of them);
+        an actor runs its calls in the order sent, so steps may be launched before the last
+        one's tokens are read."""
         if self._error is not None:
             raise self._error
         step = ray.put(scheduler_output)  # serialized once, whatever the number of ranks
-        return [actor.execute.remote(step) for actor in self._actors]
+        return [actor.execute.remote(step, grammar_bitmask) for actor in self._actors]
 
     def check_health(self) -> None:
         if self._error is not None:
@@ -177,6 +183,8 @@ class RayExecutor(Executor):
         """Every rank's reply to one call, in rank order. Replies are taken as they come, so a
         rank that died or raised is seen at once even while the others wait for it in a
         collective; that raises RuntimeError (now and on every later call)."""
+        if self._error is not None:
+            raise self._error
         rank_of = {ref: rank for rank, ref in enumerate(refs)}
         replies: list[Any] = [None] * len(refs)
         pending = list(refs)
@@ -187,26 +195,39 @@ class RayExecutor(Executor):
             if not done:
                 raise GetTimeoutError(f"ranks {sorted(rank_of[r] for r in pending)} did not answer in {timeout} s")
             for ref in done:
-                rank = rank_of[ref]
                 try:
-                    replies[rank] = ray.get(ref)
-                except RayActorError as e:
-                    self._fail(f"tensor-parallel worker rank {rank} ({self._where(rank)}) died: {_death_reason(e)}")
-                except RayTaskError as e:
-                    self._fail(f"tensor-parallel worker rank {rank} ({self._where(rank)}) failed:\n{e}", cause=e.cause)
+                    replies[rank_of[ref]] = ray.get(ref)
+                except (RayActorError, RayTaskError):
+                    self._fail([ref, *pending], rank_of)
         return replies
+
+    def _fail(self, refs: list[Any], rank_of: dict[Any, int]) -> None:
+        """Kill every actor (the others may be stuck in a collective with the one that went)
+        and raise, now and on every later call, an error that says which rank went and why.
+        A dead rank is the cause, and an error on another (a collective whose peer vanished)
+        its consequence; Ray may report them in either order, so the others get
+        _DEATH_GRACE_S to report, and deaths come first."""
+        ray.wait(refs, num_returns=len(refs), timeout=_DEATH_GRACE_S)
+        deaths, failures, cause = [], [], None
+        for ref in refs:
+            rank = rank_of[ref]
+            try:
+                ray.get(ref, timeout=0)
+            except RayActorError as e:
+                deaths.append(f"tensor-parallel worker rank {rank} ({self._where(rank)}) died: {_death_reason(e)}")
+            except RayTaskError as e:
+                failures.append(f"tensor-parallel worker rank {rank} ({self._where(rank)}) failed:\n{e}")
+                cause = cause or e.cause
+            except GetTimeoutError:
+                pass  # still waiting, most likely in a collective: killed below
+        self._error = RuntimeError("\n".join(deaths + failures) + "\nthe engine cannot run without all its ranks: start it again")
+        self._error.__cause__ = cause
+        self._stop(timeout=0.0)
+        raise self._error
 
     def _where(self, rank: int) -> str:
         place = self._places[rank]
         return f"Ray actor, pid {place.pid} on node {place.node_ip}" if place is not None else "Ray actor, not yet placed"
-
-    def _fail(self, reason: str, cause: BaseException | None = None) -> None:
-        """Kill every actor (the others may be stuck in a collective with the one that went)
-        and raise, now and on every later call, an error that says which rank went and why."""
-        self._error = RuntimeError(reason + "\nthe engine cannot run without all its ranks: start it again")
-        self._error.__cause__ = cause
-        self._stop(timeout=0.0)
-        raise self._error
 
     def _stop(self, timeout: float) -> None:
         """Ask the actors to stop (given `timeout` s), kill them, free the placement group, and
@@ -229,6 +250,17 @@ class RayExecutor(Executor):
                 self._stop(timeout=0.0)
         except Exception:
             pass
+
+
+class _StepReplies:
+    """A launched step: its result is rank 0's reply, once every rank has answered."""
+
+    def __init__(self, executor: RayExecutor, refs: list[Any]) -> None:
+        self.executor = executor
+        self.refs = refs
+
+    def result(self) -> ModelRunnerOutput:
+        return self.executor._gather(self.refs)[0]
 
 
 def _death_reason(error: BaseException) -> str:
