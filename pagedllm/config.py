@@ -65,6 +65,7 @@ class EngineArgs:
     attention_backend: str | None = None  # None = triton on CUDA, torch elsewhere
     enforce_eager: bool = False
     tensor_parallel_size: int = 1
+    distributed_executor_backend: str = "mp"  # how ranks run: "mp" worker processes, "ray" Ray actors
     chat_template: str | None = None
     trust_remote_code: bool = False
     load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarks)
@@ -102,6 +103,8 @@ class EngineArgs:
             raise ValueError(f"quantization must be gguf, int4 or int8 (or unset for dense weights); got {self.quantization!r}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
+        if self.distributed_executor_backend not in ("mp", "ray"):
+            raise ValueError(f"distributed_executor_backend must be mp or ray, got {self.distributed_executor_backend!r}")
 
     @property
     def resolved_device(self) -> str:

@@ -2,7 +2,8 @@
 
 Engine state (running / waiting requests, KV cache usage, prefix-cache and preemption
 totals) comes from the engine core's stats, sent with every step; latencies are measured
-per request by the front end (`RequestTiming`). Each server has its own registry.
+per request by the front end (`RequestTiming`). Each server has its own registry; with data
+parallelism every replica has its own series (label `engine`).
 """
 
 from __future__ import annotations
@@ -17,24 +18,30 @@ _TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25,
 
 
 class ServerMetrics:
+    """The server's registry. Every metric carries the labels model_name and engine (the
+    data-parallel replica, "0" with one; vLLM's label): each replica's client reports to its
+    own `EngineMetrics`, `engine(i)`."""
+
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self, model_name: str) -> None:
         self.registry = CollectorRegistry()
-        labels = {"model_name": model_name}
+        self.model_name = model_name
+        labels = ["model_name", "engine"]
 
         def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(f"pagedllm:{name}", doc, list(labels), registry=self.registry).labels(**labels)
+            return Gauge(f"pagedllm:{name}", doc, labels, registry=self.registry)
 
         def counter(name: str, doc: str) -> Counter:
-            return Counter(f"pagedllm:{name}", doc, list(labels), registry=self.registry).labels(**labels)
+            return Counter(f"pagedllm:{name}", doc, labels, registry=self.registry)
 
         def histogram(name: str, doc: str, buckets) -> Histogram:
-            return Histogram(f"pagedllm:{name}", doc, list(labels), buckets=buckets, registry=self.registry).labels(**labels)
+            return Histogram(f"pagedllm:{name}", doc, labels, buckets=buckets, registry=self.registry)
 
         self.num_requests_running = gauge("num_requests_running", "Requests in the running batch")
         self.num_requests_waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled")
         self.kv_cache_usage = gauge("kv_cache_usage_perc", "Fraction of KV cache blocks in use (1 = full)")
+        self.engine_alive = gauge("engine_alive", "1 while the engine (data-parallel replica) runs, 0 once it is dead")
         self.prefix_cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
         self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache")
         self.num_preemptions = counter("num_preemptions", "Requests preempted (to recompute) for lack of KV blocks")
@@ -46,11 +53,38 @@ class ServerMetrics:
         )
         self.e2e_request_latency = histogram("e2e_request_latency_seconds", "Arrival to last token", _LATENCY_BUCKETS)
         self.request_queue_time = histogram("request_queue_time_seconds", "Arrival to first scheduled", _LATENCY_BUCKETS)
-        self._request_finished = Counter(
+        self.request_success = Counter(
             "pagedllm:request_success", "Finished requests by reason (stop, length, abort)",
-            ["model_name", "finished_reason"], registry=self.registry,
+            [*labels, "finished_reason"], registry=self.registry,
         )
-        self._model_name = model_name
+
+    def engine(self, index: int) -> EngineMetrics:
+        """The metrics of data-parallel replica `index` (a StatsObserver of its client)."""
+        return EngineMetrics(self, index)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class EngineMetrics:
+    """One replica's children of the server's metrics."""
+
+    def __init__(self, families: ServerMetrics, index: int) -> None:
+        labels = {"model_name": families.model_name, "engine": str(index)}
+        self._families = families
+        self._labels = labels
+        f = families
+        self.num_requests_running = f.num_requests_running.labels(**labels)
+        self.num_requests_waiting = f.num_requests_waiting.labels(**labels)
+        self.kv_cache_usage = f.kv_cache_usage.labels(**labels)
+        self.engine_alive = f.engine_alive.labels(**labels)
+        self.engine_alive.set(1)
+        self._totals = [m.labels(**labels) for m in (f.prefix_cache_queries, f.prefix_cache_hits, f.num_preemptions)]
+        self.prompt_tokens = f.prompt_tokens.labels(**labels)
+        self.generation_tokens = f.generation_tokens.labels(**labels)
+        self._latencies = [
+            m.labels(**labels) for m in (f.time_to_first_token, f.time_per_output_token, f.e2e_request_latency, f.request_queue_time)
+        ]
         self._last_totals = (0, 0, 0)  # the engine sends running totals; counters take increments
 
     def record_stats(self, stats: EngineStats) -> None:
@@ -58,7 +92,7 @@ class ServerMetrics:
         self.num_requests_waiting.set(stats.num_waiting)
         self.kv_cache_usage.set(stats.kv_cache_usage)
         totals = (stats.prefix_cache_queries, stats.prefix_cache_hits, stats.num_preemptions)
-        for metric, new, old in zip((self.prefix_cache_queries, self.prefix_cache_hits, self.num_preemptions), totals, self._last_totals):
+        for metric, new, old in zip(self._totals, totals, self._last_totals):
             if new > old:
                 metric.inc(new - old)
         self._last_totals = totals
@@ -70,15 +104,16 @@ class ServerMetrics:
             self.generation_tokens.inc(num_generation_tokens)
 
     def record_finished(self, timing: RequestTiming, finish_reason: str) -> None:
-        self._request_finished.labels(model_name=self._model_name, finished_reason=finish_reason).inc()
-        for histogram, value in (
-            (self.time_to_first_token, timing.time_to_first_token),
-            (self.time_per_output_token, timing.time_per_output_token),
-            (self.e2e_request_latency, timing.e2e_latency if finish_reason != "abort" else None),
-            (self.request_queue_time, timing.queue_time),
-        ):
+        self._families.request_success.labels(**self._labels, finished_reason=finish_reason).inc()
+        values = (
+            timing.time_to_first_token,
+            timing.time_per_output_token,
+            timing.e2e_latency if finish_reason != "abort" else None,
+            timing.queue_time,
+        )
+        for histogram, value in zip(self._latencies, values):
             if value is not None:
                 histogram.observe(value)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def record_dead(self) -> None:
+        self.engine_alive.set(0)

@@ -17,6 +17,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="engine: token budget per step")
     parser.add_argument("--kv-cache-memory", default=None, help="engine on CPU: KV cache size (default: 1GiB)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="engine on GPU (default: 0.85)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="engine: GPUs (ranks) to split the model over (default: 1)")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--attention-backend", default=None, help="torch or triton (default: by device)")
     parser.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto",
@@ -31,7 +32,7 @@ def engine_options(args: argparse.Namespace, gpu: bool, folder: str) -> tuple[st
     options = dict(
         dtype=args.dtype, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         enforce_eager=args.enforce_eager, attention_backend=args.attention_backend, seed=0,
-        async_scheduling=args.async_scheduling,
+        async_scheduling=args.async_scheduling, tensor_parallel_size=args.tensor_parallel_size,
     )
     if args.quantization:
         options["quantization"] = args.quantization

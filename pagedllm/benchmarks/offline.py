@@ -81,7 +81,7 @@ def main(args: argparse.Namespace) -> list[dict]:
 
     hf = None
     if args.peer == "hf":
-        hf = peers.load_hf_model(args.model_config, None if args.model_config else llm.engine.core.runner.config.source, dtype, device,
+        hf = peers.load_hf_model(args.model_config, None if args.model_config else llm.engine.core.executor.model_info.config.source, dtype, device,
                                  paged=gpu and args.workload != "latency")
     results = []
     for w in runs:
@@ -98,7 +98,8 @@ def main(args: argparse.Namespace) -> list[dict]:
             peer_name, peer = "llama.cpp (one sequence at a time)", timing["seconds"]
         result = dict(
             engine="pagedllm", workload=w.name, model=args.model_config or model_name,
-            dtype=str(dtype).removeprefix("torch."), quantization=options.get("quantization"), machine=machine,
+            dtype=str(dtype).removeprefix("torch."), quantization=options.get("quantization"),
+            tensor_parallel_size=args.tensor_parallel_size, machine=machine,
             async_scheduling=getattr(llm.engine.core, "async_scheduling", None), startup_s=round(startup, 2),
             **_figures(w, ours),
         )
@@ -149,8 +150,8 @@ def _engine_facts(llm, args: argparse.Namespace, gpu: bool) -> tuple[str, int | 
     vocabulary and exact Llama parameter count, and the bench still runs."""
     try:
         core = llm.engine.core
-        return (core.info.model_name, core.info.vocab_size, core.runner.config.dtype,
-                sum(p.numel() for p in core.runner.model.parameters()))
+        config = core.executor.model_info.config  # the runners may live in tensor-parallel workers
+        return core.info.model_name, core.info.vocab_size, config.dtype, _num_params(config.hf_config)
     except AttributeError:
         if not args.model_config:
             raise
@@ -191,6 +192,8 @@ def _run_vllm(args: argparse.Namespace, model: str, options: dict, runs: list[Wo
         engine["gpu_memory_utilization"] = options["gpu_memory_utilization"]
     if args.max_num_batched_tokens:
         engine["max_num_batched_tokens"] = args.max_num_batched_tokens
+    if args.tensor_parallel_size > 1:  # the peer split the same way
+        engine["tensor_parallel_size"] = args.tensor_parallel_size
     load_format = "dummy" if args.model_config else "auto"
     result = vllm_peer.run(site, model, load_format, engine, runs, args.peer_timeout)
     if result.error:
@@ -234,8 +237,19 @@ def run_ours(llm, w: Workload, device: str) -> float:
     return seconds
 
 
+def _num_params(hf_config) -> int:
+    """The whole model's parameters, whatever the ranks hold: counted on a model built on the
+    meta device (no memory)."""
+    from pagedllm.models.registry import get_model_class
+
+    with torch.device("meta"):
+        model = get_model_class(hf_config)(hf_config)
+    return sum(p.numel() for p in model.parameters())
+
+
 def _report(result: dict, path: str | None) -> None:
-    line = f"{result['workload']} {result['model']} {result['dtype']} async={result['async_scheduling']}: " \
+    line = f"{result['workload']} {result['model']} {result['dtype']} TP={result.get('tensor_parallel_size', 1)} " \
+           f"async={result['async_scheduling']}: " \
            f"{result['output_tok_s']} output tok/s, " \
            f"{result['ms_per_step']} ms/step"
     if "mfu" in result:

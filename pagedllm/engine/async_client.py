@@ -65,13 +65,15 @@ class RequestFailedError(RuntimeError):
 
 
 class StatsObserver(Protocol):
-    """What the client reports (pagedllm.metrics.ServerMetrics implements it)."""
+    """What the client reports (pagedllm.metrics.EngineMetrics implements it)."""
 
     def record_stats(self, stats: EngineStats) -> None: ...
 
     def record_tokens(self, num_prompt_tokens: int, num_generation_tokens: int) -> None: ...
 
     def record_finished(self, timing: RequestTiming, finish_reason: str) -> None: ...
+
+    def record_dead(self) -> None: ...
 
 
 class RequestStream:
@@ -81,6 +83,7 @@ class RequestStream:
         self.request_id = request_id
         self.core_ids = core_ids
         self.timing = timing
+        self.outstanding_tokens = 0  # prompt + tokens still to generate, while open (for routing)
         self.finished = False
         self._client = client
         self._latest: RequestOutput | None = None
@@ -130,6 +133,7 @@ class AsyncEngineClient:
         self.outputs = OutputProcessor(self.tokenizer)
         self.latest_stats: EngineStats | None = None
         self.stats_observer = stats_observer  # may be set later, once info names the model
+        self.num_outstanding_tokens = 0  # over the open requests: what a data-parallel router balances
         self._sockets = sockets
         self._streams: dict[str, RequestStream] = {}
         self._parent_of: dict[str, str] = {}  # core request id -> request id
@@ -139,12 +143,15 @@ class AsyncEngineClient:
     # -- life cycle ------------------------------------------------------------------------------
 
     @classmethod
-    async def start(cls, args: EngineArgs, stats_observer: StatsObserver | None = None) -> AsyncEngineClient:
-        """Spawn the engine core process and wait until its model is loaded."""
+    async def start(
+        cls, args: EngineArgs, stats_observer: StatsObserver | None = None, env: dict[str, str] | None = None
+    ) -> AsyncEngineClient:
+        """Spawn the engine core process and wait until its model is loaded. `env`: variables
+        the core process sets before it starts (a data-parallel replica's devices and threads)."""
         sockets = _Sockets.bind()
         process = multiprocessing.get_context("spawn").Process(
-            target=run_engine_core,
-            args=(args, sockets.input_address, sockets.output_address, os.getpid()),
+            target=_run_engine_core_with,
+            args=(env or {}, args, sockets.input_address, sockets.output_address, os.getpid()),
             name="pagedllm-engine-core",
         )
         process.start()
@@ -163,6 +170,15 @@ class AsyncEngineClient:
         if self._dead is None and not self.process.is_alive():
             self._die(EngineDeadError(_exit_message(self.process)))
         return self._dead
+
+    @property
+    def health_error(self) -> EngineDeadError | None:
+        """Why /health fails, or None."""
+        return self.dead_error
+
+    def observe(self, metrics) -> None:
+        """Report to a server's metrics (pagedllm.metrics.ServerMetrics)."""
+        self.stats_observer = metrics.engine(0)
 
     async def shutdown(self, timeout: float = 2.0) -> None:
         """End the core process (asking first, then terminating) and fail what is still open."""
@@ -194,6 +210,8 @@ class AsyncEngineClient:
         core_ids = self.outputs.add_request(request_id, text, prompt_ids, params)
         timing = RequestTiming(arrival_time if arrival_time is not None else time.monotonic(), len(prompt_ids))
         stream = RequestStream(request_id, self, core_ids, timing)
+        stream.outstanding_tokens = len(prompt_ids) + params.max_tokens * params.n
+        self.num_outstanding_tokens += stream.outstanding_tokens
         self._streams[request_id] = stream
         self._parent_of.update((core_id, request_id) for core_id in core_ids)
         try:
@@ -282,6 +300,9 @@ class AsyncEngineClient:
             if stream is None:
                 continue
             longest = max(len(c.token_ids) for c in output.outputs)
+            generated = min(new_tokens.get(output.request_id, 0), stream.outstanding_tokens)
+            stream.outstanding_tokens -= generated
+            self.num_outstanding_tokens -= generated
             stream.timing.record_tokens(now, new_tokens.get(output.request_id, 0), longest)
             stream._put(output)
             if output.finished:
@@ -300,7 +321,9 @@ class AsyncEngineClient:
             stream._fail(RequestFailedError(message.message))
 
     def _forget(self, stream: RequestStream) -> None:
-        self._streams.pop(stream.request_id, None)
+        if self._streams.pop(stream.request_id, None) is not None:
+            self.num_outstanding_tokens -= stream.outstanding_tokens
+            stream.outstanding_tokens = 0
         for core_id in stream.core_ids:
             self._parent_of.pop(core_id, None)
 
@@ -312,8 +335,11 @@ class AsyncEngineClient:
     def _die(self, error: EngineDeadError) -> None:
         if self._dead is None:
             self._dead = error
+            if self.stats_observer is not None:
+                self.stats_observer.record_dead()
         streams, self._streams = list(self._streams.values()), {}
         self._parent_of.clear()
+        self.num_outstanding_tokens = 0
         for stream in streams:
             stream._fail(self._dead)
 
@@ -344,6 +370,16 @@ class _Sockets:
         self.sync_context.term()
         self.async_context.term()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _run_engine_core_with(env: dict[str, str], *args) -> None:
+    """The core process's entry: set `env` (before anything initializes CUDA or OpenMP), then run."""
+    os.environ.update(env)
+    if "OMP_NUM_THREADS" in env:
+        import torch
+
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    run_engine_core(*args)
 
 
 async def _wait_ready(process, output: zmq.asyncio.Socket) -> EngineReady:

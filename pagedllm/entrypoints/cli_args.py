@@ -38,6 +38,8 @@ ENGINE_HELP: dict[str, str] = {
     "attention_backend": "torch or triton (default: triton on CUDA, torch elsewhere)",
     "enforce_eager": "GPU: no CUDA graphs",
     "tensor_parallel_size": "split the model over this many GPUs (or CPU processes), one worker process each",
+    "distributed_executor_backend": "how the ranks run: mp = worker processes on this machine, ray = Ray actors "
+    "on this machine or a Ray cluster (pip install 'pagedllm[ray]'; see docs/distributed.md)",
     "chat_template": "chat template: a Jinja file or inline text (default: the tokenizer's)",
     "trust_remote_code": "allow the model's own code from its folder (transformers' trust_remote_code)",
     "load_format": "auto, or dummy: random weights from config.json alone (benchmarks)",
@@ -52,6 +54,7 @@ ENGINE_CHOICES: dict[str, list[str]] = {
     "load_format": ["auto", "dummy"],
     "async_scheduling": ["auto", "on", "off"],
     "quantization": ["gguf", "int4", "int8"],
+    "distributed_executor_backend": ["mp", "ray"],
 }
 
 SAMPLING_HELP: dict[str, str] = {
@@ -127,6 +130,11 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         default=5.0,
         metavar="SECONDS",
         help="on SIGTERM, how long running requests may go on before they are aborted (default: 5)",
+    )
+    group.add_argument(
+        "--data-parallel-size", type=int, default=1, metavar="N",
+        help="run N engine cores (replicas of the model, each on its own GPUs, or its share of the CPU cores) behind "
+        "this server; requests go to the least busy (default: 1)",
     )
     group.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False, help="log every HTTP request (default: off)")
     group.add_argument(

@@ -77,6 +77,10 @@ class Executor(ABC):
 
 
 def make_executor(args: EngineArgs, max_num_batched_tokens: int) -> Executor:
+    if args.distributed_executor_backend == "ray":  # even one rank: the model may be on another node
+        from pagedllm.executor.ray_executor import RayExecutor
+
+        return RayExecutor(args, max_num_batched_tokens)
     if args.tensor_parallel_size == 1:
         from pagedllm.executor.uniproc import UniProcExecutor
 

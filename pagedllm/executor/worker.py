@@ -1,6 +1,6 @@
 """One tensor-parallel rank: its shard of the weights and of the KV cache, and the steps the
 driver sends it. Knows nothing about how it was started or how steps reach it, so the same
-class runs in a process of MultiprocExecutor and could run in a Ray actor."""
+class runs in a process of MultiprocExecutor and in a Ray actor (RayExecutor)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ class WorkerSpec:
     max_num_batched_tokens: int
     store_host: str  # the driver's TCPStore, where the ranks meet
     store_port: int
+    # The GPU index this rank uses among the visible ones: by default its rank; a Ray actor
+    # sees only the GPU Ray gave it, as cuda:0.
+    local_device_index: int | None = None
 
     @property
     def world_size(self) -> int:
@@ -35,7 +38,8 @@ class Worker:
     def __init__(self, spec: WorkerSpec) -> None:
         device = spec.args.resolved_device
         if device.startswith("cuda"):
-            device = f"cuda:{spec.rank}"  # rank r on visible GPU r (choose GPUs with CUDA_VISIBLE_DEVICES)
+            index = spec.rank if spec.local_device_index is None else spec.local_device_index
+            device = f"cuda:{index}"  # rank r on visible GPU r (choose GPUs with CUDA_VISIBLE_DEVICES)
             torch.cuda.set_device(device)
         else:  # N processes share the cores: threads beyond a fair share only contend
             torch.set_num_threads(max(1, _num_cpus() // spec.world_size))

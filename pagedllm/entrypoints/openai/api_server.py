@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 import pagedllm
 from pagedllm.config import EngineArgs
 from pagedllm.engine.async_client import AsyncEngineClient, EngineStartError
+from pagedllm.engine.dp_client import DataParallelClient
 from pagedllm.entrypoints.cli_args import add_engine_args, add_server_args, engine_args_from
 from pagedllm.entrypoints.openai.errors import AuthenticationError, BadRequestError, EngineUnavailableError, install_error_handlers
 from pagedllm.entrypoints.openai.limits import RequestBodyLimit, default_max_body_bytes
@@ -69,13 +70,15 @@ class APIKeyMiddleware:
 
 
 def build_app(
-    client: AsyncEngineClient, api_key: str | None = None, web_ui: bool = True, max_request_body_bytes: int | None = None
+    client: AsyncEngineClient | DataParallelClient, api_key: str | None = None, web_ui: bool = True,
+    max_request_body_bytes: int | None = None,
 ) -> FastAPI:
     """The app around a started engine client (the caller owns the client's life)."""
     app = FastAPI(title="pagedllm", version=pagedllm.__version__)
     app.state.shutdown = ShutdownState()
     app.state.client = client
-    app.state.metrics = client.stats_observer = ServerMetrics(client.info.model_name)
+    app.state.metrics = ServerMetrics(client.info.model_name)
+    client.observe(app.state.metrics)
     app.state.completions = CompletionHandler(client, client.info.model_name)
     app.state.chat = ChatHandler(client, client.info.model_name)
     install_error_handlers(app)
@@ -101,7 +104,10 @@ def _client(request: Request) -> AsyncEngineClient:
 def _add_routes(app: FastAPI) -> None:
     @app.get("/health")
     async def health(request: Request) -> Response:
-        _client(request)
+        # With data parallelism: 503 once any replica is dead, while the others still serve.
+        error = request.app.state.client.health_error
+        if error is not None:
+            raise EngineUnavailableError(f"{error}: restart the server")
         return JSONResponse({"status": "ok"})
 
     @app.get("/ping")
@@ -186,6 +192,8 @@ def run_server(args: argparse.Namespace) -> None:
     """Bind the port, start the engine, serve until SIGINT / SIGTERM, stop the engine."""
     init_logging()
     engine_args = engine_args_from(args)
+    if args.data_parallel_size < 1:
+        raise SystemExit(f"error: --data-parallel-size must be at least 1, got {args.data_parallel_size}")
     sock = bind_socket(args.host, args.port)
     try:
         asyncio.run(_serve(args, engine_args, sock))
@@ -199,7 +207,10 @@ def run_server(args: argparse.Namespace) -> None:
 
 
 async def _serve(args: argparse.Namespace, engine_args: EngineArgs, sock: socket.socket) -> None:
-    client = await AsyncEngineClient.start(engine_args)
+    if args.data_parallel_size > 1:
+        client = await DataParallelClient.start(engine_args, args.data_parallel_size)
+    else:
+        client = await AsyncEngineClient.start(engine_args)
     # uvicorn re-raises the SIGTERM it caught once it has shut down; by then stopping is
     # under way, and the default action would kill us before the engine is stopped.
     previous_sigterm = signal.signal(signal.SIGTERM, lambda signum, frame: None)
@@ -213,8 +224,9 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, sock: socket
         )
         host = f"[{args.host}]" if ":" in args.host else args.host
         logger.info(
-            "serving %r at http://%s:%d (OpenAI API under /v1; /health, /metrics; API key %s)",
+            "serving %r at http://%s:%d (OpenAI API under /v1; /health, /metrics; API key %s%s)",
             client.info.model_name, host, args.port, "required" if args.api_key else "not required",
+            f"; {args.data_parallel_size} data-parallel replicas" if args.data_parallel_size > 1 else "",
         )
         if args.web_ui:
             logger.info("chat page at %s", page_url(args.host, args.port))
