@@ -1,7 +1,8 @@
 """Sampling on the device for a whole batch at once.
 
-Order (as vLLM): logprobs of the raw model output are taken first; then stop
-tokens are masked for requests short of min_tokens, penalties applied, and the
+Order (as vLLM): logprobs of the raw model output are taken first; then the grammar
+bitmask of structured-output rows is applied, stop tokens are masked for requests
+short of min_tokens, logit_bias added, penalties applied, and the
 token is picked: argmax for temperature 0, otherwise temperature -> top-k ->
 top-p -> min-p -> an exponential race (argmax of p / q with q ~ Exp(1), which
 draws from p). Seeded requests draw their q from a generator seeded per request and
@@ -43,6 +44,10 @@ class SamplingBatch:
     seeds: dict[int, int]  # row -> seed of this step's draw (seeded requests)
     masked_token_ids: dict[int, list[int]]  # row -> stop tokens masked (min_tokens not reached)
     max_num_logprobs: int | None  # None = no logprobs this step
+    # logit_bias of every row that has one, flattened: (rows, token ids, values), on the device
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # [B, ceil(V / 32)] int32 on the device: bit j of word w allows token 32 w + j (-1 = all)
+    grammar_bitmask: torch.Tensor | None = None
 
 
 @dataclass
@@ -82,8 +87,12 @@ class Sampler:
         logprobs = None
         if batch.max_num_logprobs is not None:
             raw = logits.log_softmax(dim=-1)
+        if batch.grammar_bitmask is not None:
+            apply_token_bitmask(logits, batch.grammar_bitmask)
         for row, token_ids in batch.masked_token_ids.items():
             logits[row, token_ids] = float("-inf")
+        if batch.logit_bias is not None:
+            logits.index_put_(batch.logit_bias[:2], batch.logit_bias[2], accumulate=True)
         if batch.presence_penalty is not None:
             logits = apply_penalties(logits, batch)
         sampled = logits.argmax(dim=-1)
@@ -106,6 +115,22 @@ class Sampler:
         for row, seed in batch.seeds.items():
             q[row].exponential_(generator=self.generator.manual_seed(seed))
         return (probs / q).argmax(dim=-1)
+
+
+_BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """Set to -inf, in place, the logits of tokens whose bit is 0 (xgrammar's packed layout:
+    token t is bit t % 32 of word t // 32). Works on any device, with no host sync."""
+    shifts = _BIT_SHIFTS.get(logits.device)
+    if shifts is None:
+        shifts = _BIT_SHIFTS[logits.device] = torch.arange(32, device=logits.device, dtype=torch.int32)
+    V = logits.shape[-1]
+    allowed = ((bitmask[:, :, None] >> shifts) & 1).flatten(1)[:, :V].bool()  # (B, V)
+    if allowed.shape[1] < V:  # a vocabulary padded past the mask: padding tokens never allowed
+        allowed = torch.nn.functional.pad(allowed, (0, V - allowed.shape[1]))
+    logits.masked_fill_(~allowed, float("-inf"))
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

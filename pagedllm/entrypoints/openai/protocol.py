@@ -1,21 +1,36 @@
 """Pydantic models of the OpenAI API as this server speaks it (with vLLM's extras).
 
-Requests refuse unknown fields (as OpenAI does), so a misspelt option is an error
-rather than silently ignored. Responses carry OpenAI's field names and nulls.
+Requests accept fields they do not know (the SDKs and agent frameworks send `store`,
+`metadata`, `service_tier`, ... routinely), as vLLM does, and log each unknown name once
+so a misspelt option is visible in the server log; a known field of the wrong type or
+with an invalid value is still a 400. Responses carry OpenAI's field names and nulls.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+
+logger = logging.getLogger("pagedllm")
 
 MAX_LOGPROBS = 20  # alternatives per position, as OpenAI's top_logprobs allows
+_logged_unknown_fields: set[str] = set()
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _log_unknown_fields(self):
+        for name in self.model_extra or {}:
+            qualified = f"{type(self).__name__}.{name}"
+            if qualified not in _logged_unknown_fields:
+                _logged_unknown_fields.add(qualified)
+                logger.warning("ignoring the unknown field %r of %s (logged once per field name)", name, type(self).__name__)
+        return self
 
 
 class _Response(BaseModel):
