@@ -102,10 +102,6 @@ class ChatHandler:
     def _check_unsupported(request: ChatCompletionRequest) -> None:
         if request.tools and request.tool_choice != "none":
             raise BadRequestError("tool calling is not supported by this server: remove tools", param="tools")
-        if request.response_format is not None and request.response_format.type != "text":
-            raise BadRequestError(
-                f"response_format {request.response_format.type!r} is not supported: only 'text'", param="response_format"
-            )
         if request.top_logprobs is not None and not request.logprobs:
             raise BadRequestError("top_logprobs needs logprobs=true", param="top_logprobs")
 

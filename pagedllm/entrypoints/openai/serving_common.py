@@ -14,6 +14,7 @@ from pagedllm.engine.async_client import AsyncEngineClient, EngineDeadError, Req
 from pagedllm.engine.input_processor import Prompt
 from pagedllm.entrypoints.openai.errors import APIError, BadRequestError, EngineUnavailableError, NotFoundError
 from pagedllm.entrypoints.openai.protocol import SamplingFields, Usage
+from pagedllm.entrypoints.openai.structured import structured_outputs_from
 from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams, StructuredOutputsParams
 
@@ -49,7 +50,10 @@ def sampling_params(
     prompt_logprobs: int | None = None,
     structured_outputs: StructuredOutputsParams | None = None,
 ) -> SamplingParams:
-    """The request's sampling options, validated; a bad value is a 400 naming the field."""
+    """The request's sampling options, validated; a bad value is a 400 naming the field.
+    `structured_outputs` (from tools) replaces the request's own output constraint."""
+    if structured_outputs is None:
+        structured_outputs, _ = structured_outputs_from(request)
     if request.stream_options is not None and not request.stream:
         raise BadRequestError("stream_options is only allowed with stream=true", param="stream_options")
     try:
