@@ -88,9 +88,9 @@ def test_tool_plans():
 
 
 TEMPLATE = (
-    "{% if tools %}TOOLS:{% for t in tools %}{{ t.function.name }};{% endfor %}\n{% endif %}"
+    "{% if tools %}TOOLS:{% for t in tools %}{{ t.function.name }};{% endfor %}|{% endif %}"
     "{% for m in messages %}{{ m.role }}: {{ m.content }}"
-    "{% for c in m.tool_calls or [] %}[call {{ c.function.name }} city={{ c.function.arguments.city }}]{% endfor %}\n{% endfor %}"
+    "{% for c in m.tool_calls or [] %}[call {{ c.function.name }} city={{ c.function.arguments.city }}]{% endfor %}|{% endfor %}"
     "{% if enable_thinking is defined and not enable_thinking %}/no_think{% endif %}"
 )
 
@@ -109,7 +109,7 @@ def test_render_chat_passes_tools_kwargs_and_parsed_arguments(tokenizer_dir):  #
     ]
     tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
     text = tokenizer.decode(render_chat(tokenizer, messages, False, {"enable_thinking": False}, tools))
-    assert text == "TOOLS:weather;\nuser: Weather?\nassistant: [call weather city=Paris]\ntool: 21 C\n/no_think"
+    assert text == "TOOLS:weather;|user: Weather?|assistant: [call weather city=Paris]|tool: 21 C|/no_think"
 
 
 from model_utils import tokenizer_dir  # noqa: E402,F401  (fixture)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import OrderedDict
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -48,6 +49,7 @@ class StructuredOutputManager:
         self._compiled: OrderedDict[tuple[str, str], Future] = OrderedDict()
         self._requests: dict[str, _Entry] = {}
         self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+        self._batch = xgr.BatchGrammarMatcher(max_threads=max(1, min(8, (os.cpu_count() or 2) // 2)))
 
     # -- compiling ---------------------------------------------------------------------------
 
@@ -108,10 +110,16 @@ class StructuredOutputManager:
             self._bitmask = xgr.allocate_token_bitmask(max(len(request_ids), 2 * self._bitmask.shape[0]), self.vocab_size)
         bitmask = self._bitmask[: len(request_ids)]
         bitmask.fill_(-1)
+        matchers, rows = [], []
         for row, request_id in enumerate(request_ids):
             entry = self._requests.get(request_id)
             if entry is not None and entry.matcher is not None and not entry.matcher.is_terminated():
-                entry.matcher.fill_next_token_bitmask(self._bitmask, row)
+                matchers.append(entry.matcher)
+                rows.append(row)
+        if len(matchers) == 1:
+            matchers[0].fill_next_token_bitmask(self._bitmask, rows[0])
+        elif matchers:  # rows filled in parallel by xgrammar's threads
+            self._batch.batch_fill_next_token_bitmask(matchers, self._bitmask, rows)
         return bitmask.numpy().copy()
 
     def accept_tokens(self, request_id: str, token_ids: list[int]) -> bool:
