@@ -125,3 +125,30 @@ def test_apply_token_bitmask_masks_forbidden_tokens():
     apply_token_bitmask(logits, torch.from_numpy(bitmask))
     assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == [37]
     assert torch.isfinite(logits[1]).all()
+
+
+def test_offline_generate_with_structured_outputs(llm):
+    """Through the whole engine (chunked prefill, async steps): outputs match their constraint."""
+    import json
+
+    import jsonschema
+
+    from pagedllm import SamplingParams
+
+    tokenizer = llm.get_tokenizer()
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Describe a person as JSON."}], add_generation_prompt=True, tokenize=False)
+    person = {**SCHEMA, "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 99}}}
+    params = [
+        SamplingParams(temperature=0.8, seed=i, max_tokens=40, structured_outputs=StructuredOutputsParams(json=person)) for i in range(3)
+    ] + [
+        SamplingParams(temperature=0, max_tokens=10, structured_outputs=StructuredOutputsParams(choice=["cat", "dog"])),
+        SamplingParams(temperature=0, max_tokens=12),  # unconstrained, in the same steps
+    ]
+    outputs = llm.generate([prompt] * len(params), params, use_tqdm=False)
+    for output in outputs[:3]:
+        assert output.outputs[0].finish_reason == "stop", output.outputs[0].text
+        jsonschema.validate(json.loads(output.outputs[0].text), person)
+    assert outputs[3].outputs[0].text in ("cat", "dog")
+    assert outputs[4].outputs[0].text and not outputs[4].outputs[0].text.startswith("{")
+    with pytest.raises(ValueError, match="Unclosed"):
+        llm.generate([prompt], SamplingParams(structured_outputs=StructuredOutputsParams(regex="a[")), use_tqdm=False)

@@ -1,8 +1,8 @@
 """Sampling on the device for a whole batch at once.
 
-Order (as vLLM): logprobs of the raw model output are taken first; then the grammar
-bitmask of structured-output rows is applied, stop tokens are masked for requests
-short of min_tokens, logit_bias added, penalties applied, and the
+Order (as vLLM): the runner applies grammar bitmasks first (apply_token_bitmask); then
+logprobs of the model output are taken; stop tokens are masked for requests short of
+min_tokens, logit_bias added, penalties applied, and the
 token is picked: argmax for temperature 0, otherwise temperature -> top-k ->
 top-p -> min-p -> an exponential race (argmax of p / q with q ~ Exp(1), which
 draws from p). Seeded requests draw their q from a generator seeded per request and
@@ -46,8 +46,6 @@ class SamplingBatch:
     max_num_logprobs: int | None  # None = no logprobs this step
     # logit_bias of every row that has one, flattened: (rows, token ids, values), on the device
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-    # [B, ceil(V / 32)] int32 on the device: bit j of word w allows token 32 w + j (-1 = all)
-    grammar_bitmask: torch.Tensor | None = None
 
 
 @dataclass
@@ -69,15 +67,6 @@ def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> D
     return DeviceTokenLogprobs(ids, values.float(), ranks)
 
 
-def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """Grammar masks, in place: token t of row r stays allowed iff bit t % 32 of
-    bitmask[r, t // 32] is set; the others get -inf. bitmask: int32 [B, ceil(V / 32)]."""
-    V = logits.shape[-1]
-    bits = torch.arange(32, device=logits.device, dtype=torch.int32)
-    allowed = ((bitmask[:, :, None] >> bits) & 1).bool().flatten(1)[:, :V]
-    logits.masked_fill_(~allowed, float("-inf"))
-
-
 class Sampler:
     def __init__(self, device: str) -> None:
         self.generator = torch.Generator(device=device)
@@ -87,8 +76,6 @@ class Sampler:
         logprobs = None
         if batch.max_num_logprobs is not None:
             raw = logits.log_softmax(dim=-1)
-        if batch.grammar_bitmask is not None:
-            apply_token_bitmask(logits, batch.grammar_bitmask)
         for row, token_ids in batch.masked_token_ids.items():
             logits[row, token_ids] = float("-inf")
         if batch.logit_bias is not None:
@@ -121,8 +108,9 @@ _BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
 
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """Set to -inf, in place, the logits of tokens whose bit is 0 (xgrammar's packed layout:
-    token t is bit t % 32 of word t // 32). Works on any device, with no host sync."""
+    """Grammar masks, in place: token t of row r stays allowed iff bit t % 32 of
+    bitmask[r, t // 32] is set (xgrammar's layout); the others get -inf. bitmask: int32
+    [B, ceil(V / 32)] on the logits' device; no host sync."""
     shifts = _BIT_SHIFTS.get(logits.device)
     if shifts is None:
         shifts = _BIT_SHIFTS[logits.device] = torch.arange(32, device=logits.device, dtype=torch.int32)

@@ -105,6 +105,15 @@ def _client(request: Request) -> AsyncEngineClient:
     return client
 
 
+async def _create(handler, body, request: Request) -> Response:
+    """A generation route: the handler's answer, or 499 if the client left while waiting."""
+    _client(request)
+    try:
+        return await handler.create(body, request)
+    except ClientDisconnected:
+        return Response(status_code=499)
+
+
 def _add_routes(app: FastAPI) -> None:
     @app.get("/health")
     async def health(request: Request) -> Response:
@@ -131,27 +140,15 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        _client(request)
-        try:
-            return await request.app.state.completions.create(body, request)
-        except ClientDisconnected:
-            return Response(status_code=499)
+        return await _create(request.app.state.completions, body, request)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
-        _client(request)
-        try:
-            return await request.app.state.chat.create(body, request)
-        except ClientDisconnected:
-            return Response(status_code=499)
+        return await _create(request.app.state.chat, body, request)
 
     @app.post("/v1/responses")
     async def responses(body: ResponsesRequest, request: Request) -> Response:
-        _client(request)
-        try:
-            return await request.app.state.responses.create(body, request)
-        except ClientDisconnected:
-            return Response(status_code=499)
+        return await _create(request.app.state.responses, body, request)
 
     @app.get("/v1/responses/{response_id}")
     async def get_response(response_id: str, request: Request) -> Response:

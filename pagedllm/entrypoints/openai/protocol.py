@@ -256,36 +256,32 @@ class ChatCompletionResponse(_Response):
     usage: Usage
 
 
-class DeltaFunctionCall(_Response):
-    name: str | None = None
-    arguments: str | None = None
+class _Sparse(_Response):
+    """Serialized without null fields: OpenAI streams {"content": "..."} and a last {}."""
 
     @model_serializer(mode="wrap")
     def _without_nulls(self, handler):
         return {key: value for key, value in handler(self).items() if value is not None}
 
 
-class DeltaToolCall(_Response):
+class DeltaFunctionCall(_Sparse):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_Sparse):
     index: int
     id: str | None = None
     type: Literal["function"] | None = None
     function: DeltaFunctionCall
 
-    @model_serializer(mode="wrap")
-    def _without_nulls(self, handler):
-        return {key: value for key, value in handler(self).items() if value is not None}
 
-
-class Delta(_Response):
+class Delta(_Sparse):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
     reasoning: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
-
-    @model_serializer(mode="wrap")
-    def _without_nulls(self, handler):  # OpenAI sends {"content": "..."} and a last {}
-        return {key: value for key, value in handler(self).items() if value is not None}
 
 
 class ChatStreamChoice(_Response):
