@@ -47,7 +47,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url("/v1"), api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=server.url("/v1"), api_key="unused", max_retries=0, timeout=600)
 
 
 def _streamed_chat(client, **kwargs):
