@@ -159,3 +159,22 @@ def test_abort_while_a_step_is_in_flight(engines):
         assert_all_free(llm)
     assert finals["on"] == finals["off"]
     assert all(len(tokens) == 30 for tokens in finals["on"].values())
+
+
+def test_structured_outputs_and_logit_bias(engines):
+    """Grammar masks for step N+1 are built from step N's tokens while N+1's forward runs."""
+    from pagedllm.sampling_params import StructuredOutputsParams
+
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 10}, "n": {"type": "integer"}},
+              "required": ["answer", "n"], "additionalProperties": False}
+    params = [
+        SamplingParams(temperature=0, max_tokens=30, structured_outputs=StructuredOutputsParams(json=schema)),
+        SamplingParams(n=2, temperature=0.8, seed=3, max_tokens=30, structured_outputs=StructuredOutputsParams(json=schema)),
+        SamplingParams(temperature=0, max_tokens=12, structured_outputs=StructuredOutputsParams(regex=r"[0-9]{3}-[a-z]{2,5}")),
+        SamplingParams(temperature=0, max_tokens=12, logit_bias={11: 5.0, 13: -100.0}),
+        SamplingParams(temperature=0, max_tokens=12),
+    ]
+    on, off = run_both(engines, PROMPTS[:5], params)
+    assert summary(on) == summary(off)
+    assert on[2].outputs[0].finish_reason == "stop" and on[2].outputs[0].text[3] == "-"
+    assert 13 not in on[3].outputs[0].token_ids

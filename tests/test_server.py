@@ -185,7 +185,10 @@ LONG_PROMPT = "hello " * 3000
         ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
         ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 0}, 400, "n"),
         ("/v1/completions", {"model": MODEL, "prompt": "x", "stream": "sometimes"}, 400, "stream"),
-        ("/v1/completions", {"model": MODEL, "prompt": "x", "bogus_field": 1}, 400, "bogus_field"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"x": 1}}, 400, "logit_bias"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"5": 300}}, 400, "logit_bias"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "logit_bias": {"99999999": 1}}, 400, "prompt"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x", "store": "yes", "metadata": 5, "temperature": "hot"}, 400, "temperature"),
         ("/v1/completions", {"model": MODEL}, 400, "prompt"),
         ("/v1/completions", {"model": MODEL, "prompt": []}, 400, "prompt"),
         ("/v1/completions", {"model": MODEL, "prompt": [10**9]}, 400, "prompt"),
@@ -208,6 +211,29 @@ def test_bad_requests_get_openai_errors_and_the_server_carries_on(server, client
         num_tokens = _tokenize(server, prompt=LONG_PROMPT)
         assert str(num_tokens) in error["message"] and "2048" in error["message"]
     assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2).choices[0].text is not None
+
+
+def test_unknown_fields_are_accepted_and_logged_once(server, client):
+    extras = {"store": False, "metadata": {"run": "1"}, "service_tier": "auto", "bogus_field": 1}
+    for _ in range(2):
+        result = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2, extra_body=extras)
+        assert result.choices[0].message.content is not None
+    log = server.read_log()
+    assert log.count("unknown field 'bogus_field'") == 1 and "unknown field 'service_tier'" in log
+
+
+def test_logit_bias_forces_and_bans_tokens(client, server):
+    forced = _tokenize_ids(server, " banana")[0]
+    result = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0, logit_bias={str(forced): 100})
+    assert result.choices[0].text == " banana" * 4
+    plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1, temperature=0)
+    first = _tokenize_ids(server, plain.choices[0].text)[0]
+    banned = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1, temperature=0, logit_bias={str(first): -100})
+    assert banned.choices[0].text != plain.choices[0].text
+
+
+def _tokenize_ids(server, text: str) -> list[int]:
+    return httpx.post(server.url("/tokenize"), json={"prompt": text, "add_special_tokens": False}, timeout=30).json()["tokens"]
 
 
 def test_malformed_json_and_openai_client_errors(server, client):

@@ -55,10 +55,14 @@ class Scheduler:
         self.num_history_dependent += request.sampling_params.needs_output_history
 
     def abort(self, request_ids: list[str]) -> None:
+        self.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    def finish_requests(self, request_ids: list[str], status: RequestStatus) -> None:
+        """End these requests now (unknown ids are ignored) and free their blocks."""
         for request_id in request_ids:
             request = self.requests.get(request_id)
             if request is not None:
-                self._finish(request, RequestStatus.FINISHED_ABORTED)
+                self._finish(request, status)
 
     # -- the step --------------------------------------------------------------------------------
 

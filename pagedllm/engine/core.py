@@ -22,6 +22,7 @@ from pagedllm.core.interface import EngineCoreOutput, SchedulerOutput
 from pagedllm.core.request import Request
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.engine.messages import EngineCoreRequest, EngineInfo, EngineStats
+from pagedllm.engine.structured_requests import StructuredRequests
 from pagedllm.executor import UniProcExecutor, make_executor
 from pagedllm.executor.abstract import StepFuture
 
@@ -55,6 +56,7 @@ class EngineCore:
             ),
             KVCacheManager(cache.num_blocks, cache.block_size, cache.enable_prefix_caching),
         )
+        self.structured = StructuredRequests(self.tokenizer, model.config.vocab_size, frozenset(model.eos_token_ids))
         self.info = EngineInfo(
             model_name=args.served_model_name or model.config.name,
             max_model_len=max_model_len,
@@ -76,7 +78,8 @@ class EngineCore:
     def add_request(self, request: EngineCoreRequest) -> Request:
         """Queue a request (ValueError if it can never run); returns the scheduler's state of it."""
         core_request = Request(request.request_id, request.prompt_token_ids, request.sampling_params, request.arrival_time)
-        self.scheduler.add_request(core_request)
+        if not self.structured.hold(core_request):  # a structured request waits for its grammar
+            self.scheduler.add_request(core_request)
         return core_request
 
     def abort(self, request_ids: list[str]) -> None:
@@ -84,6 +87,11 @@ class EngineCore:
         order on the device, so nothing launched later can see its blocks before that step
         is done, and its token is dropped when the step is finished."""
         self.scheduler.abort(request_ids)
+        self.structured.abort(request_ids)
+
+    def take_failed(self) -> list[tuple[str, str]]:
+        """(request id, why) of requests that ended without running (a grammar that did not compile)."""
+        return self.structured.take_failed()
 
     def step(self) -> list[EngineCoreOutput]:
         """Launch the next step, then finish the one in flight and return its outputs."""
@@ -91,6 +99,7 @@ class EngineCore:
             outputs = self._finish_in_flight()  # this step's sampling needs its tokens first
         else:
             outputs = []
+        self.structured.admit_ready(self.scheduler)  # requests whose grammar has compiled
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.empty:
             return outputs + self._finish_in_flight()
@@ -110,17 +119,19 @@ class EngineCore:
         if self.in_flight is None:
             return []
         step, self.in_flight = self.in_flight, None
-        return self.scheduler.update(step.scheduler_output, step.future.result())
+        outputs = self.scheduler.update(step.scheduler_output, step.future.result())
+        self.structured.accept(outputs, self.scheduler)  # advance the grammars by the new tokens
+        return outputs
 
     def _has_grammars(self, scheduler_output: SchedulerOutput) -> bool:
         """Whether a request of the step samples under a grammar (structured outputs)."""
-        return False
+        return self.structured.has_grammars(scheduler_output)
 
     def _grammar_bitmask(self, scheduler_output: SchedulerOutput):
         """int32 [len(scheduler_output.scheduled), ceil(vocab / 32)]: each request's allowed
         tokens from the grammar state after its latest token (all bits set where it has no
-        grammar)."""
-        raise NotImplementedError
+        grammar). The tokens of the step just finished were accepted in _finish_in_flight."""
+        return self.structured.bitmask(scheduler_output)
 
     def _can_overlap(self) -> bool:
         """Whether the next step can be scheduled before the one in flight is finished: not
@@ -139,10 +150,11 @@ class EngineCore:
         self.executor.check_health()
 
     def shutdown(self) -> None:
+        self.structured.shutdown()
         self.executor.shutdown()
 
     def has_unfinished_requests(self) -> bool:
-        return self.in_flight is not None or self.scheduler.has_unfinished_requests()
+        return self.in_flight is not None or self.scheduler.has_unfinished_requests() or self.structured.has_unfinished()
 
     def stats(self) -> EngineStats:
         kv = self.scheduler.kv

@@ -122,6 +122,9 @@ class EngineCoreProc:
                 continue
             step_start = time.monotonic()
             outputs = self.core.step()
+            for request_id, message in self.core.take_failed():  # a grammar that did not compile
+                self.not_yet_scheduled.pop(request_id, None)
+                self._send(RequestFailed(request_id, message))
             logger.debug("engine core: step of %.3f s, %d outputs", time.monotonic() - step_start, len(outputs))
             self._send(CoreOutputs(outputs, self.core.stats(), self._newly_scheduled(step_start)))
 

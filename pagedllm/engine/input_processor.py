@@ -36,6 +36,10 @@ class InputProcessor:
         max_tokens = params.max_tokens if params.max_tokens is not None else max(max_len - num_prompt_tokens, 1)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.info.eos_token_ids))
         check_fits(num_prompt_tokens, max_tokens, max_len)
+        vocab = self.info.vocab_size
+        outside = [t for t in params.logit_bias or {} if t >= vocab]
+        if outside:
+            raise ValueError(f"logit_bias token ids {outside[:5]} are outside the vocabulary [0, {vocab})")
         return replace(params, max_tokens=max_tokens, all_stop_token_ids=stop_ids)
 
     def make_requests(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> list[EngineCoreRequest]:

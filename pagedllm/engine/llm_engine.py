@@ -20,6 +20,10 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer)
 
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams) -> None:
+        if params.structured_outputs is not None:  # a bad schema fails here, before anything runs
+            from pagedllm.structured_output.grammar import validate
+
+            validate(params.structured_outputs)
         text, prompt_ids = self.inputs.tokenize(prompt)
         params = self.inputs.resolve_params(params, len(prompt_ids))
         requests = self.inputs.make_requests(request_id, prompt_ids, params)
@@ -30,7 +34,12 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One engine step: the core launches the next step and returns the outputs of the
         one before, which are turned into RequestOutputs while the device computes."""
-        changed, stopped = self.outputs.process(self.core.step())
+        core_outputs = self.core.step()
+        failed = self.core.take_failed()
+        if failed:
+            request_id, message = failed[0]
+            raise ValueError(f"request {request_id}: {message}")
+        changed, stopped = self.outputs.process(core_outputs)
         if stopped:  # stop strings: the core aborts them (freeing their blocks)
             self.core.abort(stopped)
         return changed

@@ -140,6 +140,35 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="server log level (default: info)"
     )
+    add_chat_reply_args(group)
+
+
+def add_chat_reply_args(group) -> None:
+    """Tool calling and reasoning options of the server (vLLM's flags)."""
+    from pagedllm.entrypoints.openai.reasoning import REASONING_PARSERS
+    from pagedllm.entrypoints.openai.tool_parsers import TOOL_PARSERS
+
+    group.add_argument(
+        "--enable-auto-tool-choice", action="store_true",
+        help='let the model decide to call tools (tool_choice "auto"); needs --tool-call-parser (default: off)',
+    )
+    group.add_argument(
+        "--tool-call-parser", choices=sorted(TOOL_PARSERS), default=None,
+        help="how the model writes tool calls: hermes (Qwen2.5/Qwen3), llama3_json, mistral, pythonic (default: none)",
+    )
+    group.add_argument(
+        "--reasoning-parser", choices=sorted(REASONING_PARSERS), default=None,
+        help="move <think>...</think> out of the content into reasoning_content (default: none)",
+    )
+
+
+def chat_options_from(args: argparse.Namespace):
+    from pagedllm.entrypoints.openai.serving_chat import ChatOptions
+    from pagedllm.entrypoints.openai.tools import ToolOptions
+
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise SystemExit("error: --enable-auto-tool-choice needs --tool-call-parser (hermes, llama3_json, mistral or pythonic)")
+    return ChatOptions(ToolOptions(args.tool_call_parser, args.enable_auto_tool_choice), args.reasoning_parser)
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, **defaults: Any) -> None:

@@ -61,12 +61,19 @@ class LLM:
         use_tqdm: bool = True,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """Generate replies to one conversation or a list of them, with the model's chat template."""
+        """Generate replies to one conversation or a list of them, with the model's chat template.
+        `tools` (OpenAI's function-tool dicts) reach the template, as in the server; to make a
+        call that always parses, constrain the output with SamplingParams(structured_outputs=...)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        kwargs = dict(chat_template_kwargs or {})
+        if tools:
+            kwargs["tools"] = tools
         prompts = [
             self.engine.tokenizer.apply_chat_template(
-                conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt, tokenize=False
+                conversation, chat_template=chat_template, add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs
             )
             for conversation in conversations
         ]

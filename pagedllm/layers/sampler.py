@@ -1,7 +1,8 @@
 """Sampling on the device for a whole batch at once.
 
-Order (as vLLM): logprobs of the raw model output are taken first; then stop
-tokens are masked for requests short of min_tokens, penalties applied, and the
+Order (as vLLM): the runner applies grammar bitmasks first (apply_token_bitmask); then
+logprobs of the model output are taken; stop tokens are masked for requests short of
+min_tokens, logit_bias added, penalties applied, and the
 token is picked: argmax for temperature 0, otherwise temperature -> top-k ->
 top-p -> min-p -> an exponential race (argmax of p / q with q ~ Exp(1), which
 draws from p). Seeded requests draw their q from a generator seeded per request and
@@ -43,6 +44,8 @@ class SamplingBatch:
     seeds: dict[int, int]  # row -> seed of this step's draw (seeded requests)
     masked_token_ids: dict[int, list[int]]  # row -> stop tokens masked (min_tokens not reached)
     max_num_logprobs: int | None  # None = no logprobs this step
+    # logit_bias of every row that has one, flattened: (rows, token ids, values), on the device
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -64,15 +67,6 @@ def token_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> D
     return DeviceTokenLogprobs(ids, values.float(), ranks)
 
 
-def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """Grammar masks, in place: token t of row r stays allowed iff bit t % 32 of
-    bitmask[r, t // 32] is set; the others get -inf. bitmask: int32 [B, ceil(V / 32)]."""
-    V = logits.shape[-1]
-    bits = torch.arange(32, device=logits.device, dtype=torch.int32)
-    allowed = ((bitmask[:, :, None] >> bits) & 1).bool().flatten(1)[:, :V]
-    logits.masked_fill_(~allowed, float("-inf"))
-
-
 class Sampler:
     def __init__(self, device: str) -> None:
         self.generator = torch.Generator(device=device)
@@ -84,6 +78,8 @@ class Sampler:
             raw = logits.log_softmax(dim=-1)
         for row, token_ids in batch.masked_token_ids.items():
             logits[row, token_ids] = float("-inf")
+        if batch.logit_bias is not None:
+            logits.index_put_(batch.logit_bias[:2], batch.logit_bias[2], accumulate=True)
         if batch.presence_penalty is not None:
             logits = apply_penalties(logits, batch)
         sampled = logits.argmax(dim=-1)
@@ -106,6 +102,23 @@ class Sampler:
         for row, seed in batch.seeds.items():
             q[row].exponential_(generator=self.generator.manual_seed(seed))
         return (probs / q).argmax(dim=-1)
+
+
+_BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """Grammar masks, in place: token t of row r stays allowed iff bit t % 32 of
+    bitmask[r, t // 32] is set (xgrammar's layout); the others get -inf. bitmask: int32
+    [B, ceil(V / 32)] on the logits' device; no host sync."""
+    shifts = _BIT_SHIFTS.get(logits.device)
+    if shifts is None:
+        shifts = _BIT_SHIFTS[logits.device] = torch.arange(32, device=logits.device, dtype=torch.int32)
+    V = logits.shape[-1]
+    allowed = ((bitmask[:, :, None] >> shifts) & 1).flatten(1)[:, :V].bool()  # (B, V)
+    if allowed.shape[1] < V:  # a vocabulary padded past the mask: padding tokens never allowed
+        allowed = torch.nn.functional.pad(allowed, (0, V - allowed.shape[1]))
+    logits.masked_fill_(~allowed, float("-inf"))
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

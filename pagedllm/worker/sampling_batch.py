@@ -34,6 +34,11 @@ def build_sampling_batch(states: list[RunnerRequestState], to_device: Callable[[
         if s.num_output_tokens < p.min_tokens and p.all_stop_token_ids
     }
     seeds = {row: seed for row, s in enumerate(states) if (seed := s.step_seed()) is not None}
+    bias = [(row, token, value) for row, p in enumerate(params) for token, value in (p.logit_bias or {}).items()]
+    logit_bias = None
+    if bias:
+        rows, tokens, values = zip(*bias)
+        logit_bias = (column(rows, torch.int64), column(tokens, torch.int64), column(values))
     wanted_logprobs = [p.logprobs for p in params if p.logprobs is not None]
     all_greedy = all(p.greedy for p in params)
     return SamplingBatch(
@@ -50,4 +55,5 @@ def build_sampling_batch(states: list[RunnerRequestState], to_device: Callable[[
         seeds=seeds,
         masked_token_ids=masked,
         max_num_logprobs=max(wanted_logprobs) if wanted_logprobs else None,
+        logit_bias=logit_bias,
     )

@@ -25,7 +25,7 @@ import pagedllm
 from pagedllm.config import EngineArgs
 from pagedllm.engine.async_client import AsyncEngineClient, EngineStartError
 from pagedllm.engine.dp_client import DataParallelClient
-from pagedllm.entrypoints.cli_args import add_engine_args, add_server_args, engine_args_from
+from pagedllm.entrypoints.cli_args import add_engine_args, add_server_args, chat_options_from, engine_args_from
 from pagedllm.entrypoints.openai.errors import AuthenticationError, BadRequestError, EngineUnavailableError, install_error_handlers
 from pagedllm.entrypoints.openai.limits import RequestBodyLimit, default_max_body_bytes
 from pagedllm.entrypoints.openai.protocol import (
@@ -38,10 +38,12 @@ from pagedllm.entrypoints.openai.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from pagedllm.entrypoints.openai.serving_chat import ChatHandler, render_chat
+from pagedllm.entrypoints.openai.protocol_responses import ResponsesRequest
+from pagedllm.entrypoints.openai.serving_chat import ChatHandler, ChatOptions, render_chat
 from pagedllm.entrypoints.openai.serving_common import check_model
 from pagedllm.entrypoints.openai.serving_completion import CompletionHandler
 from pagedllm.entrypoints.openai.shutdown import FLUSH_TIMEOUT_S, DrainGate, GracefulServer, ShutdownState
+from pagedllm.entrypoints.openai.serving_responses import ResponsesHandler
 from pagedllm.entrypoints.openai.sse import ClientDisconnected
 from pagedllm.entrypoints.openai.web_ui import WEB_UI_PATHS, add_web_ui_routes, page_url
 from pagedllm.logger import init_logging
@@ -70,8 +72,11 @@ class APIKeyMiddleware:
 
 
 def build_app(
-    client: AsyncEngineClient | DataParallelClient, api_key: str | None = None, web_ui: bool = True,
+    client: AsyncEngineClient | DataParallelClient,
+    api_key: str | None = None,
+    web_ui: bool = True,
     max_request_body_bytes: int | None = None,
+    chat_options: ChatOptions = ChatOptions(),
 ) -> FastAPI:
     """The app around a started engine client (the caller owns the client's life)."""
     app = FastAPI(title="pagedllm", version=pagedllm.__version__)
@@ -80,7 +85,8 @@ def build_app(
     app.state.metrics = ServerMetrics(client.info.model_name)
     client.observe(app.state.metrics)
     app.state.completions = CompletionHandler(client, client.info.model_name)
-    app.state.chat = ChatHandler(client, client.info.model_name)
+    app.state.chat = ChatHandler(client, client.info.model_name, chat_options)
+    app.state.responses = ResponsesHandler(client, client.info.model_name, chat_options)
     install_error_handlers(app)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
@@ -99,6 +105,15 @@ def _client(request: Request) -> AsyncEngineClient:
     if client.dead_error is not None:
         raise EngineUnavailableError(f"{client.dead_error}: restart the server")
     return client
+
+
+async def _create(handler, body, request: Request) -> Response:
+    """A generation route: the handler's answer, or 499 if the client left while waiting."""
+    _client(request)
+    try:
+        return await handler.create(body, request)
+    except ClientDisconnected:
+        return Response(status_code=499)
 
 
 def _add_routes(app: FastAPI) -> None:
@@ -130,19 +145,19 @@ def _add_routes(app: FastAPI) -> None:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        _client(request)
-        try:
-            return await request.app.state.completions.create(body, request)
-        except ClientDisconnected:
-            return Response(status_code=499)
+        return await _create(request.app.state.completions, body, request)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
-        _client(request)
-        try:
-            return await request.app.state.chat.create(body, request)
-        except ClientDisconnected:
-            return Response(status_code=499)
+        return await _create(request.app.state.chat, body, request)
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request) -> Response:
+        return await _create(request.app.state.responses, body, request)
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str, request: Request) -> Response:
+        return request.app.state.responses.retrieve(response_id)
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest, request: Request) -> Response:
@@ -153,7 +168,8 @@ def _add_routes(app: FastAPI) -> None:
         if (body.prompt is None) == (body.messages is None):
             raise BadRequestError("give either prompt or messages", param="prompt")
         if body.messages is not None:
-            ids = render_chat(client.tokenizer, body.messages, body.add_generation_prompt)
+            tools = [{"type": "function", "function": t.function.model_dump(exclude_none=True)} for t in body.tools or []]
+            ids = render_chat(client.tokenizer, body.messages, body.add_generation_prompt, body.chat_template_kwargs, tools)
         else:
             ids = client.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         strs = client.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
@@ -194,9 +210,10 @@ def run_server(args: argparse.Namespace) -> None:
     engine_args = engine_args_from(args)
     if args.data_parallel_size < 1:
         raise SystemExit(f"error: --data-parallel-size must be at least 1, got {args.data_parallel_size}")
+    chat_options = chat_options_from(args)
     sock = bind_socket(args.host, args.port)
     try:
-        asyncio.run(_serve(args, engine_args, sock))
+        asyncio.run(_serve(args, engine_args, chat_options, sock))
     except EngineStartError as e:
         logger.error("%s", e)
         sys.exit(1)
@@ -206,7 +223,7 @@ def run_server(args: argparse.Namespace) -> None:
         sock.close()
 
 
-async def _serve(args: argparse.Namespace, engine_args: EngineArgs, sock: socket.socket) -> None:
+async def _serve(args: argparse.Namespace, engine_args: EngineArgs, chat_options: ChatOptions, sock: socket.socket) -> None:
     if args.data_parallel_size > 1:
         client = await DataParallelClient.start(engine_args, args.data_parallel_size)
     else:
@@ -215,7 +232,10 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, sock: socket
     # under way, and the default action would kill us before the engine is stopped.
     previous_sigterm = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
-        app = build_app(client, api_key=args.api_key, web_ui=args.web_ui, max_request_body_bytes=args.max_request_body_bytes)
+        app = build_app(
+            client, api_key=args.api_key, web_ui=args.web_ui, max_request_body_bytes=args.max_request_body_bytes,
+            chat_options=chat_options,
+        )
         config = uvicorn.Config(
             app,
             log_level=args.log_level,

@@ -1,21 +1,36 @@
 """Pydantic models of the OpenAI API as this server speaks it (with vLLM's extras).
 
-Requests refuse unknown fields (as OpenAI does), so a misspelt option is an error
-rather than silently ignored. Responses carry OpenAI's field names and nulls.
+Requests accept fields they do not know (the SDKs and agent frameworks send `store`,
+`metadata`, `service_tier`, ... routinely), as vLLM does, and log each unknown name once
+so a misspelt option is visible in the server log; a known field of the wrong type or
+with an invalid value is still a 400. Responses carry OpenAI's field names and nulls.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+
+logger = logging.getLogger("pagedllm")
 
 MAX_LOGPROBS = 20  # alternatives per position, as OpenAI's top_logprobs allows
+_logged_unknown_fields: set[str] = set()
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _log_unknown_fields(self):
+        for name in self.model_extra or {}:
+            qualified = f"{type(self).__name__}.{name}"
+            if qualified not in _logged_unknown_fields:
+                _logged_unknown_fields.add(qualified)
+                logger.warning("ignoring the unknown field %r of %s (logged once per field name)", name, type(self).__name__)
+        return self
 
 
 class _Response(BaseModel):
@@ -27,6 +42,28 @@ class _Response(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+
+
+class JSONSchemaFormat(_Request):
+    name: str = "response"
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(_Request):
+    """vLLM's `structured_outputs` field: exactly one of these."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
 
 
 class SamplingFields(_Request):
@@ -54,6 +91,13 @@ class SamplingFields(_Request):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_*
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -78,9 +122,25 @@ class ChatMessage(BaseModel):
     content: str | list[TextPart] | None = None
 
 
-class ResponseFormat(_Request):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
+class FunctionDefinition(_Request):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class FunctionName(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionName
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -89,9 +149,8 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     # vLLM's extras
     add_generation_prompt: bool = True
@@ -102,6 +161,8 @@ class TokenizeRequest(_Request):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[ChatTool] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     return_token_strs: bool = False
@@ -159,9 +220,23 @@ class ChatLogprobs(_Response):
     content: list[TokenLogprob] | None = None
 
 
+class FunctionCall(_Response):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None  # the same text, under the name newer clients read
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(_Response):
@@ -181,13 +256,32 @@ class ChatCompletionResponse(_Response):
     usage: Usage
 
 
-class Delta(_Response):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
+class _Sparse(_Response):
+    """Serialized without null fields: OpenAI streams {"content": "..."} and a last {}."""
 
     @model_serializer(mode="wrap")
-    def _without_nulls(self, handler):  # OpenAI sends {"content": "..."} and a last {}
+    def _without_nulls(self, handler):
         return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class DeltaFunctionCall(_Sparse):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_Sparse):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
+class Delta(_Sparse):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(_Response):

@@ -14,8 +14,9 @@ from pagedllm.engine.async_client import AsyncEngineClient, EngineDeadError, Req
 from pagedllm.engine.input_processor import Prompt
 from pagedllm.entrypoints.openai.errors import APIError, BadRequestError, EngineUnavailableError, NotFoundError
 from pagedllm.entrypoints.openai.protocol import SamplingFields, Usage
+from pagedllm.entrypoints.openai.structured import structured_outputs_from
 from pagedllm.outputs import RequestOutput
-from pagedllm.sampling_params import SamplingParams
+from pagedllm.sampling_params import SamplingParams, StructuredOutputsParams
 
 _PARAM_NAMES = {f.name for f in fields(SamplingParams)}
 
@@ -33,12 +34,26 @@ def check_model(requested: str | None, served_name: str) -> None:
         )
 
 
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float] | None:
+    if not bias:
+        return None
+    try:
+        return {int(token): float(value) for token, value in bias.items()}
+    except ValueError as e:
+        raise BadRequestError(f"logit_bias keys must be token ids (as strings of integers): {e}", param="logit_bias") from e
+
+
 def sampling_params(
-    request: SamplingFields, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+    request: SamplingFields,
+    max_tokens: int | None,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
+    structured_outputs: StructuredOutputsParams | None = None,
 ) -> SamplingParams:
-    """The request's sampling options, validated; a bad value is a 400 naming the field."""
-    if request.logit_bias:
-        raise BadRequestError("logit_bias is not supported by this server: remove it", param="logit_bias")
+    """The request's sampling options, validated; a bad value is a 400 naming the field.
+    `structured_outputs` (from tools) replaces the request's own output constraint."""
+    if structured_outputs is None:
+        structured_outputs, _ = structured_outputs_from(request)
     if request.stream_options is not None and not request.stream:
         raise BadRequestError("stream_options is only allowed with stream=true", param="stream_options")
     try:
@@ -62,6 +77,8 @@ def sampling_params(
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=request.skip_special_tokens,
             spaces_between_special_tokens=request.spaces_between_special_tokens,
+            logit_bias=_logit_bias(request.logit_bias),
+            structured_outputs=structured_outputs,
         )
     except ValueError as e:
         first_word = str(e).split(" ", 1)[0]
