@@ -189,7 +189,7 @@ def test_sliding_window_matches_torch(window):
     meta, k_cache, v_cache, key, value = make_step([(300, 1), (32, 1), (1, 1)], 3, 16, 2, 64, torch.float32)
     query = torch.randn(3, 4, 64)
     kernels.write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
-    want = TorchAttentionBackend._decode(query, k_cache, v_cache, meta, 0.125, window)
+    want = TorchAttentionBackend._decode(query, k_cache, v_cache, meta, 0.125, sliding_window=window)
     got = torch.full_like(query, float("nan"))
     kernels.decode_attention(got, query, k_cache, v_cache, meta.block_tables, meta.seq_lens, 0.125, max_seq_len=512,
                              num_partitions=19, min_partition=16, block_n=16, sliding_window=window)

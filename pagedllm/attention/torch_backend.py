@@ -97,8 +97,9 @@ class TorchAttentionBackend:
         return plan
 
     @staticmethod
-    def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, plan: _DecodePlan | None = None) -> torch.Tensor:
-        plan = plan or _DecodePlan.build(meta, k_cache.shape[1])
+    def _decode(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, plan: _DecodePlan | None = None,
+                sliding_window: int | None = None) -> torch.Tensor:
+        plan = plan or _DecodePlan.build(meta, k_cache.shape[1], sliding_window)
         nd, max_len = plan.slots.shape
         # (slots, Hkv, D) -> (B, L, Hkv, D) -> (B, Hkv, L, D)
         k = k_cache.flatten(0, 1).index_select(0, plan.flat_slots).view(nd, max_len, *k_cache.shape[2:]).transpose(1, 2)
