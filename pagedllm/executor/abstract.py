@@ -56,11 +56,6 @@ class Executor(ABC):
         [rows, ceil(vocab / 32)], one row per request of the step in scheduled order
         (all bits set where a request has no grammar), or None."""
 
-    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        """One whole step, synchronously."""
-        self.execute_model(scheduler_output)
-        return self.sample_tokens().result()
-
     def kv_cache_bytes(self, block_size: int) -> int:
         """The KV cache of one rank, in bytes."""
         from pagedllm.worker.kv_cache import bytes_per_block

@@ -1,7 +1,7 @@
 """MultiprocExecutor: one process per tensor-parallel rank, driven by the engine core.
 
     engine core (driver, holds no rank)              worker processes, ranks 0 .. N-1
-      sample_tokens(step) -- pickled RunStep ----->  every rank: runner.execute(step)
+      sample_tokens(step) -- pickled RunStep ----->  every rank: Worker.execute(step)
                                                      (all-reduces / all-gathers among the ranks)
                     <-- ModelRunnerOutput ---------  rank 0 only: the step's tokens, once
                     <-- WorkerFailed --------------  any rank whose step raised; it then exits

@@ -125,11 +125,6 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[inputs.logits_indices]).float()
         self._executed = (logits, inputs)
 
-    def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
-        """One whole step, synchronously (tests, benchmarks)."""
-        self.execute_model(so)
-        return self.sample_tokens().result()
-
     def _update_states(self, so: SchedulerOutput) -> None:
         """Apply the step's diff: dropped and new requests, appended blocks."""
         for request_id in so.dropped_request_ids:
