@@ -23,6 +23,9 @@ _VARIABLES: dict[str, Callable[[], Any]] = {
     # "0": norms, rotary and gated activations run as torch ops on CUDA too (layers/fused.py)
     "PAGEDLLM_FUSED_KERNELS": lambda: os.environ.get("PAGEDLLM_FUSED_KERNELS", "1") != "0",
     "PAGEDLLM_TRACEBACK": lambda: os.environ.get("PAGEDLLM_TRACEBACK") == "1",  # commands: tracebacks for user errors too
+    # tensor-parallel workers write a torch.profiler trace of steps PAGEDLLM_PROFILE_STEPS here (executor/step_trace.py)
+    "PAGEDLLM_TORCH_PROFILER_DIR": lambda: os.environ.get("PAGEDLLM_TORCH_PROFILER_DIR"),
+    "PAGEDLLM_PROFILE_STEPS": lambda: os.environ.get("PAGEDLLM_PROFILE_STEPS", "100:140"),
     # where `pagedllm pull` puts model files (loader/catalogue.py)
     "PAGEDLLM_MODEL_CACHE": lambda: os.environ.get("PAGEDLLM_MODEL_CACHE")
     or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "pagedllm", "models"),

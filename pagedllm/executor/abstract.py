@@ -32,16 +32,6 @@ class StepFuture(Protocol):
         """Wait for the step's sampled tokens."""
 
 
-class DoneStep:
-    """A step whose output is already here."""
-
-    def __init__(self, output: ModelRunnerOutput) -> None:
-        self.output = output
-
-    def result(self) -> ModelRunnerOutput:
-        return self.output
-
-
 class Executor(ABC):
     model_info: ModelInfo  # config, tokenizer and EOS ids: what the engine core needs of the model
     num_blocks: int  # KV blocks, the same on every rank (the fewest any rank can hold)

@@ -1,7 +1,8 @@
 """MultiprocExecutor: one process per tensor-parallel rank, driven by the engine core.
 
     engine core (driver, holds no rank)              worker processes, ranks 0 .. N-1
-      sample_tokens(step) -- pickled RunStep ----->  every rank: Worker.execute(step)
+      sample_tokens(step) -- pickled RunStep ----->  every rank: Worker.launch(step), then finishes
+                                                     the step before it (two in flight, _run_steps)
                                                      (all-reduces / all-gathers among the ranks)
                     <-- ModelRunnerOutput ---------  rank 0 only: the step's tokens, once
                     <-- WorkerFailed --------------  any rank whose step raised; it then exits
@@ -47,6 +48,7 @@ from pagedllm.config import EngineArgs
 from pagedllm.core.interface import ModelRunnerOutput, SchedulerOutput
 from pagedllm.executor.abstract import Executor, StepFuture
 from pagedllm.executor.worker import Worker, WorkerSpec
+from pagedllm.worker.model_runner import PendingStep
 from pagedllm.loader.model_loader import describe_model
 from pagedllm.logger import init_logging
 
@@ -58,6 +60,7 @@ logger = logging.getLogger("pagedllm")
 _PRELOAD = ["pagedllm.executor.multiproc", "transformers.models.auto.configuration_auto", "transformers.utils.type_validators"]
 _STOP_TIMEOUT_S = 5.0  # a worker asked to stop gets this long before it is killed
 _WATCHDOG_PERIOD_S = 1.0
+_POLL_S = 50e-6  # a worker with a step in flight checks its pipe and the device this often
 
 
 # -- messages between the driver and a worker (pickled over the worker's pipe) -----------------
@@ -307,13 +310,7 @@ def _worker_main(spec: WorkerSpec, conn: Connection) -> None:
     try:
         worker = Worker(spec)
         conn.send_bytes(pickle.dumps(WorkerReady(spec.rank, worker.num_blocks)))
-        while True:
-            message = pickle.loads(conn.recv_bytes())
-            if isinstance(message, StopWorker):
-                break
-            output = worker.execute(message.scheduler_output, message.grammar_bitmask)
-            if output is not None:
-                conn.send_bytes(pickle.dumps(output, protocol=pickle.HIGHEST_PROTOCOL))
+        _run_steps(worker, conn)
     except EOFError:  # the driver closed its end: it is gone
         os._exit(0)
     except Exception:
@@ -327,6 +324,40 @@ def _worker_main(spec: WorkerSpec, conn: Connection) -> None:
         sys.stderr.flush()
         os._exit(1)  # not a clean exit: the other ranks may be inside a collective with us
     worker.shutdown()
+
+
+def _run_steps(worker: Worker, conn: Connection) -> None:
+    """Run steps until told to stop, two in flight like the engine core's own loop: a step that
+    arrives while the previous one is still on the device is launched first (its inputs are
+    prepared while the device works), then the previous one is finished and answered. A step
+    that finishes with nothing queued behind it is answered at once, since the driver may be
+    waiting for it before it sends the next (synchronous scheduling, grammar masks)."""
+    in_flight: PendingStep | None = None
+    while True:
+        if in_flight is not None and not _wait_message_or_done(conn, in_flight):
+            _reply(conn, worker.finish(in_flight))
+            in_flight = None
+            continue
+        message = pickle.loads(conn.recv_bytes())
+        if isinstance(message, StopWorker):
+            return
+        step = worker.launch(message.scheduler_output, message.grammar_bitmask)
+        if in_flight is not None:
+            _reply(conn, worker.finish(in_flight))
+        in_flight = step
+
+
+def _wait_message_or_done(conn: Connection, step: PendingStep) -> bool:
+    """Whether a message arrived before `step` finished on the device."""
+    while not step.done():
+        if conn.poll(_POLL_S):
+            return True
+    return conn.poll(0)
+
+
+def _reply(conn: Connection, output: ModelRunnerOutput | None) -> None:
+    if output is not None:  # rank 0 answers for all
+        conn.send_bytes(pickle.dumps(output, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def _exit_with_parent() -> None:

@@ -4,6 +4,7 @@ class runs in a process of MultiprocExecutor and in a Ray actor (RayExecutor).""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, replace
 
@@ -12,8 +13,9 @@ import torch
 from pagedllm.config import EngineArgs
 from pagedllm.core.interface import ModelRunnerOutput, SchedulerOutput
 from pagedllm.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel
+from pagedllm.executor.step_trace import FINISH_LABEL, LAUNCH_LABEL, StepTrace
 from pagedllm.loader.model_loader import load_model
-from pagedllm.worker.model_runner import ModelRunner
+from pagedllm.worker.model_runner import ModelRunner, PendingStep
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class Worker:
         self.rank = spec.rank
         self.tp = init_tensor_parallel(spec.rank, spec.world_size, spec.store_host, spec.store_port, device)
         self.runner = ModelRunner(load_model(args, self.tp), args, spec.max_num_batched_tokens, self.tp)
+        self.trace = StepTrace.from_env(spec.rank)
 
     @property
     def num_blocks(self) -> int:
@@ -54,12 +57,28 @@ class Worker:
 
     def execute(self, scheduler_output: SchedulerOutput, grammar_bitmask=None) -> ModelRunnerOutput | None:
         """Every rank runs the step (the collectives need all of them); rank 0's output is the step's."""
-        self.runner.execute_model(scheduler_output)
-        output = self.runner.sample_tokens(grammar_bitmask).result()
+        return self.finish(self.launch(scheduler_output, grammar_bitmask))
+
+    def launch(self, scheduler_output: SchedulerOutput, grammar_bitmask=None) -> PendingStep:
+        """Queue the step on the device and return at once; the next step may be launched
+        before this one is finished (its sampled ids are fed to it on the device)."""
+        if self.trace is not None:
+            self.trace.on_launch()
+        with self._span(LAUNCH_LABEL):
+            self.runner.execute_model(scheduler_output)
+            return self.runner.sample_tokens(grammar_bitmask)
+
+    def finish(self, step: PendingStep) -> ModelRunnerOutput | None:
+        """Wait for a launched step (every rank: its requests' states advance); rank 0's output."""
+        with self._span(FINISH_LABEL):
+            output = step.result()
         return output if self.rank == 0 else None
 
     def shutdown(self) -> None:
         destroy_tensor_parallel()
+
+    def _span(self, label: str) -> contextlib.AbstractContextManager:
+        return torch.profiler.record_function(label) if self.trace is not None else contextlib.nullcontext()
 
 
 def _num_cpus() -> int:

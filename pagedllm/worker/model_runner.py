@@ -275,6 +275,10 @@ class PendingStep:
             self.event.record()
         self.output: ModelRunnerOutput | None = None
 
+    def done(self) -> bool:
+        """Whether result() would return without waiting for the device."""
+        return self.output is not None or self.event is None or self.event.query()
+
     def result(self) -> ModelRunnerOutput:
         if self.output is not None:
             return self.output
