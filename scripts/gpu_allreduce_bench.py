@@ -99,12 +99,46 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
         if rank == 0:
             print(json.dumps(row), flush=True)
             rows.append(row)
+    rows.append(_check_pagedllm(rank, world))
     if rank == 0:
+        print(json.dumps(rows[-1]), flush=True)
         with open(os.path.join(out, "allreduce.jsonl"), "a") as f:
             for row in rows:
                 f.write(json.dumps({"gpu": torch.cuda.get_device_name(), **row}) + "\n")
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _check_pagedllm(rank: int, world: int) -> dict:
+    """pagedllm's all-reduce (symmetric memory for small tensors) against the exact sums, with the
+    input changing at every call (a rank that reuses its buffer too early would corrupt a peer's
+    sum), eagerly and replayed from a CUDA graph, at every size class."""
+    from pagedllm.distributed.symmetric_all_reduce import SymmetricAllReduce
+
+    small = SymmetricAllReduce.create(dist.group.WORLD, world)
+    if small is None:
+        return {"check": "pagedllm all-reduce", "skipped": "symmetric memory unavailable"}
+    bad = 0
+    for tokens in (1, 7, 64, 256):
+        xs = [torch.full((tokens, HIDDEN), float((i % 7) + rank + 1), dtype=torch.bfloat16, device="cuda") for i in range(REPEATS)]
+        outs: list[torch.Tensor] = []
+
+        def body() -> None:
+            outs.clear()
+            for x in xs:
+                outs.append(small(x * 1))  # a fresh input each call, as a layer's output is
+
+        expected = [float(2 * (i % 7) + 2 + world - 1) for i in range(REPEATS)]  # (i%7+1) + (i%7+2) for 2 ranks
+        for _ in range(3):
+            body()
+            torch.cuda.synchronize()
+            bad += sum(int((o != e).any()) for o, e in zip(outs, expected))
+        graph = _graph(body)
+        for _ in range(10):
+            graph.replay()
+            torch.cuda.synchronize()
+            bad += sum(int((o != e).any()) for o, e in zip(outs, expected))
+    return {"check": "pagedllm all-reduce, changing inputs, eager and graph", "wrong_sums": bad, "pass": bad == 0}
 
 
 def main() -> int:

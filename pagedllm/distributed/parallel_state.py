@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from pagedllm.config import shard_range  # noqa: F401  (re-exported: the layers split by it)
+from pagedllm.distributed.symmetric_all_reduce import SymmetricAllReduce
 
 logger = logging.getLogger("pagedllm")
 
@@ -41,11 +42,15 @@ class TensorParallelGroup:
     rank: int = 0
     world_size: int = 1
     group: dist.ProcessGroup | None = None  # None for a single rank: every collective is a no-op
+    small_all_reduce: SymmetricAllReduce | None = None  # CUDA: small tensors skip NCCL
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks, in place (x must be contiguous)."""
-        if self.world_size > 1:
-            dist.all_reduce(x, group=self.group)
+        """Sum over ranks: in place, or a new tensor (use the result; x must be contiguous)."""
+        if self.world_size == 1:
+            return x
+        if self.small_all_reduce is not None and self.small_all_reduce.fits(x):
+            return self.small_all_reduce(x)
+        dist.all_reduce(x, group=self.group)
         return x
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +89,9 @@ def init_tensor_parallel(rank: int, world_size: int, store_host: str, store_port
     store = dist.TCPStore(store_host, store_port, world_size, is_master=False, timeout=RENDEZVOUS_TIMEOUT)
     options = {"device_id": torch.device(device)} if device.startswith("cuda") else {}
     dist.init_process_group(backend_for(device), store=store, rank=rank, world_size=world_size, **options)
-    return TensorParallelGroup(rank, world_size, dist.group.WORLD)
+    group = dist.group.WORLD
+    small = SymmetricAllReduce.create(group, world_size) if device.startswith("cuda") else None
+    return TensorParallelGroup(rank, world_size, group, small)
 
 
 def destroy_tensor_parallel() -> None:
