@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 
@@ -34,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="peer measured in the same run: HF transformers in this process, vLLM in a child process, "
                              "or llama.cpp on the same GGUF file in a child process (default: hf)")
     parser.add_argument("--peer-python", default=None,
-                        help="--peer llamacpp: the Python that has llama-cpp-python (default: this one)")
+                        help="--peer llamacpp|vllm: the Python that has llama-cpp-python or vLLM's CPU build, "
+                             "e.g. a virtual environment's bin/python (default: this one)")
     parser.add_argument("--vllm-site", default=None,
                         help="--peer vllm: folder holding the unpacked vLLM bundle (default: $PAGEDLLM_VLLM_SITE, "
                              f"this environment, or {vllm_peer.DEFAULT_SITE})")
@@ -65,7 +67,7 @@ def main(args: argparse.Namespace) -> list[dict]:
                          "run throughput and latency separately")
     vocab = _vocab_before_load(args)
     vllm_run = None
-    if args.peer == "vllm":
+    if args.peer == "vllm" and gpu:
         # Before our engine exists: the child's exit hands the whole GPU back to us.
         vllm_run = _run_vllm(args, model, options, make_workloads(args, vocab, gpu) if vocab else None, gpu)
         if vllm_run is not None and gpu:
@@ -79,6 +81,9 @@ def main(args: argparse.Namespace) -> list[dict]:
     machine = hardware.describe(device)
     runs = make_workloads(args, vocab, gpu)
 
+    if args.peer == "vllm" and not gpu:  # CPU: after ours, which resolves the model and its prompts
+        vllm_run = _run_vllm(args, _hf_folder_for_vllm(args, llm, dtype, tmp), options, runs, gpu,
+                             dtype=str(dtype).removeprefix("torch."))
     hf = None
     if args.peer == "hf":
         hf = peers.load_hf_model(args.model_config, None if args.model_config else llm.engine.core.executor.model_info.config.source, dtype, device,
@@ -175,8 +180,12 @@ def _vocab_before_load(args: argparse.Namespace) -> int | None:
 
 
 def _run_vllm(args: argparse.Namespace, model: str, options: dict, runs: list[Workload] | None,
-              gpu: bool) -> vllm_peer.PeerRun | None:
-    site = vllm_peer.locate(args.vllm_site)
+              gpu: bool, dtype: str | None = None) -> vllm_peer.PeerRun | None:
+    """dtype: the peer's (default: bfloat16 for a GPU model config, else --dtype)."""
+    site = "" if args.peer_python else vllm_peer.locate(args.vllm_site)
+    if args.peer_python and not vllm_peer.importable(args.peer_python):
+        print(vllm_peer.CPU_RECIPE.format(python=args.peer_python), flush=True)
+        return None
     if site is None:
         print(vllm_peer.RECIPE, flush=True)
         return None
@@ -186,7 +195,7 @@ def _run_vllm(args: argparse.Namespace, model: str, options: dict, runs: list[Wo
         return None
     # The model configs are bf16 models (workloads.write_config_folder): say so rather than
     # leave it to how vLLM reads the config's dtype field.
-    dtype = "bfloat16" if args.dtype == "auto" and args.model_config and gpu else args.dtype
+    dtype = dtype or ("bfloat16" if args.dtype == "auto" and args.model_config and gpu else args.dtype)
     engine = dict(dtype=dtype, max_model_len=2048, seed=0, max_num_seqs=args.max_num_seqs)
     if options.get("gpu_memory_utilization"):
         engine["gpu_memory_utilization"] = options["gpu_memory_utilization"]
@@ -194,11 +203,34 @@ def _run_vllm(args: argparse.Namespace, model: str, options: dict, runs: list[Wo
         engine["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.tensor_parallel_size > 1:  # the peer split the same way
         engine["tensor_parallel_size"] = args.tensor_parallel_size
+    if not gpu:  # vLLM's CPU build: its KV cache in GiB, threads as many as ours
+        engine.pop("gpu_memory_utilization", None)
     load_format = "dummy" if args.model_config else "auto"
-    result = vllm_peer.run(site, model, load_format, engine, runs, args.peer_timeout)
+    python = args.peer_python or sys.executable
+    result = vllm_peer.run(site, model, load_format, engine, runs, args.peer_timeout, python=python,
+                           threads=None if gpu else torch.get_num_threads())
     if result.error:
         print(result.error, flush=True)
     return result
+
+
+def _hf_folder_for_vllm(args: argparse.Namespace, llm, dtype: torch.dtype, tmp: str) -> str:
+    """vLLM reads Hugging Face folders: a model config's folder as it is, a GGUF as an HF-format
+    copy of the same (dequantized) weights, written here."""
+    source = llm.engine.core.executor.model_info.config.source
+    if args.model_config or os.path.isdir(source):
+        return source
+    folder = os.path.join(tmp, "hf-copy")
+    print(f"vLLM: writing an HF-format copy of {source} to {folder}", flush=True)
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    gguf_folder, name = os.path.split(source)
+    model = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=name, dtype=dtype,
+                                                 quantization_config=GgufConfig(name, dequantize=True))
+    model.hf_quantizer = None  # dense now: a plain checkpoint, not a quantized one
+    model.config.__dict__.pop("quantization_config", None)
+    model.save_pretrained(folder)
+    return folder
 
 
 def _wait_for_free_gpu_memory(timeout: float = 30.0) -> None:

