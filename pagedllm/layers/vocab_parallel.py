@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.distributed import get_tp_group
+from pagedllm.layers.cpu_packed import packed_linear
 
 
 class VocabParallelEmbedding(nn.Embedding):
@@ -27,6 +28,7 @@ class VocabParallelEmbedding(nn.Embedding):
         self.vocab_size = vocab_size
         self.vocab_start = min(tp.rank * rows, vocab_size)  # this rank's real rows: [vocab_start, vocab_end)
         self.vocab_end = min(self.vocab_start + rows, vocab_size)
+        self.packed_logits: torch.Tensor | None = None  # CPU: the table in oneDNN's layout (layers/cpu_packed.py)
         if tp.world_size > 1:
             self.weight.weight_loader = self._load_rows
 
@@ -41,6 +43,8 @@ class VocabParallelEmbedding(nn.Embedding):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(T, E) -> (T, V): the table used as the output layer (tied embeddings, the LM head)."""
+        if self.packed_logits is not None:
+            return packed_linear(hidden, self.packed_logits)  # (single rank only)
         local = hidden @ self.weight.t()  # (T, V' / N)
         if self.tp.world_size == 1:
             return local

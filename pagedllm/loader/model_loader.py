@@ -17,6 +17,7 @@ from tqdm import tqdm
 from pagedllm import envs
 from pagedllm.config import DTYPES, EngineArgs, ModelConfig
 from pagedllm.distributed import SINGLE_RANK, TensorParallelGroup, building_for
+from pagedllm.layers.cpu_packed import pack_model
 from pagedllm.loader.checkpoint import Checkpoint, GGUFCheckpoint, open_checkpoint
 from pagedllm.models import get_model_class
 
@@ -144,6 +145,7 @@ def load_model(args: EngineArgs, tp: TensorParallelGroup = SINGLE_RANK) -> Loade
         from pagedllm.loader.quantize import quantize_model
 
         quantize_model(model, args.quantization, checkpoint.path if isinstance(checkpoint, GGUFCheckpoint) else None)
+    pack_model(model)  # CPU: the dense matrices that are left, in oneDNN's layout
     tokenizer = _tokenizer(args, checkpoint)
     logger.info(
         "loaded %s (%s) from %s: %s, %s, %.1fM parameters%s, in %.2f s",
