@@ -115,7 +115,7 @@ def _check_pagedllm(rank: int, world: int) -> dict:
     sum), eagerly and replayed from a CUDA graph, at every size class."""
     from pagedllm.distributed.symmetric_all_reduce import SymmetricAllReduce
 
-    small = SymmetricAllReduce.create(dist.group.WORLD, world)
+    small = SymmetricAllReduce.create(dist.group.WORLD)
     if small is None:
         return {"check": "pagedllm all-reduce", "skipped": "symmetric memory unavailable"}
     bad = 0

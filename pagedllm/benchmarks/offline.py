@@ -70,7 +70,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     if args.peer == "vllm" and gpu:
         # Before our engine exists: the child's exit hands the whole GPU back to us.
         vllm_run = _run_vllm(args, model, options, make_workloads(args, vocab, gpu) if vocab else None, gpu)
-        if vllm_run is not None and gpu:
+        if vllm_run is not None:
             _wait_for_free_gpu_memory()
 
     start = time.perf_counter()
@@ -203,8 +203,6 @@ def _run_vllm(args: argparse.Namespace, model: str, options: dict, runs: list[Wo
         engine["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.tensor_parallel_size > 1:  # the peer split the same way
         engine["tensor_parallel_size"] = args.tensor_parallel_size
-    if not gpu:  # vLLM's CPU build: its KV cache in GiB, threads as many as ours
-        engine.pop("gpu_memory_utilization", None)
     load_format = "dummy" if args.model_config else "auto"
     python = args.peer_python or sys.executable
     result = vllm_peer.run(site, model, load_format, engine, runs, args.peer_timeout, python=python,

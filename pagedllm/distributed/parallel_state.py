@@ -90,7 +90,7 @@ def init_tensor_parallel(rank: int, world_size: int, store_host: str, store_port
     options = {"device_id": torch.device(device)} if device.startswith("cuda") else {}
     dist.init_process_group(backend_for(device), store=store, rank=rank, world_size=world_size, **options)
     group = dist.group.WORLD
-    small = SymmetricAllReduce.create(group, world_size) if device.startswith("cuda") else None
+    small = SymmetricAllReduce.create(group) if device.startswith("cuda") else None
     return TensorParallelGroup(rank, world_size, group, small)
 
 

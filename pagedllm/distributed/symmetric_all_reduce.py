@@ -33,7 +33,7 @@ class SymmetricAllReduce:
         self.buffers: dict[torch.dtype, torch.Tensor] = {}
 
     @classmethod
-    def create(cls, group: dist.ProcessGroup, world_size: int) -> SymmetricAllReduce | None:
+    def create(cls, group: dist.ProcessGroup) -> SymmetricAllReduce | None:
         """One for a CUDA group whose GPUs reach each other, unless PAGEDLLM_SYMMETRIC_ALL_REDUCE=0."""
         if not envs.PAGEDLLM_SYMMETRIC_ALL_REDUCE or not hasattr(torch.ops.symm_mem, "one_shot_all_reduce_copy"):
             return None

@@ -10,9 +10,9 @@ The outputs agree with `F.linear` to float32 rounding (another summation order),
 `pack_model` swaps every dense single-rank `nn.Linear` for a `PackedLinear` (the same memory:
 the reordered weight replaces the plain one) and gives the table the model scores logits with a
 packed copy (an untied LM head drops its plain table; tied embeddings keep both, since the
-lookup reads the plain rows: +113 MB for the bundled SmolLM2 in float32). Only where oneDNN can reorder the dtype: float32 everywhere,
-bfloat16 only on CPUs with AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT. PAGEDLLM_CPU_PACKED_LINEAR=0
-keeps `F.linear`.
+lookup reads the plain rows: +113 MB for the bundled SmolLM2 in float32). Only where oneDNN can
+reorder the dtype: float32 everywhere, bfloat16 only on CPUs with AVX-512 (BW/VL/DQ) or
+AVX-NE-CONVERT. PAGEDLLM_CPU_PACKED_LINEAR=0 keeps `F.linear`.
 """
 
 from __future__ import annotations
@@ -87,10 +87,10 @@ def pack_model(model: nn.Module) -> int:
 
 def _logits_table(model: nn.Module) -> nn.Module | None:
     """The VocabParallelEmbedding whose logits() the model calls (the LM head, or the tied embedding)."""
-    from pagedllm.layers.vocab_parallel import VocabParallelEmbedding
+    from pagedllm.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding  # (it imports this module)
 
-    tables = [m for name, m in model.named_modules() if isinstance(m, VocabParallelEmbedding)]
-    heads = [m for m in tables if type(m).__name__ == "ParallelLMHead"]
+    tables = [m for m in model.modules() if isinstance(m, VocabParallelEmbedding)]
+    heads = [m for m in tables if isinstance(m, ParallelLMHead)]
     if heads:
         return heads[0]
     return tables[0] if getattr(model, "tie_word_embeddings", False) and tables else None
