@@ -33,7 +33,7 @@ from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear
 from pagedllm.layers.norm import GemmaRMSNorm
 from pagedllm.layers.rotary import get_rotary_embedding
 from pagedllm.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
-from pagedllm.models.llama import STACKED
+from pagedllm.models.llama import STACKED, LlamaMLP
 from pagedllm.models.weights import load_stacked_weights
 
 
@@ -75,17 +75,13 @@ class Gemma3Attention(nn.Module):
         return self.o_proj(self.attn(q.reshape(T, -1), k.reshape(T, -1), v, meta))
 
 
-class Gemma3MLP(nn.Module):
+class Gemma3MLP(LlamaMLP):
+    """Llama's gated MLP with GELU (tanh) in place of SiLU."""
+
     def __init__(self, config) -> None:
-        super().__init__()
         if config.hidden_activation != "gelu_pytorch_tanh":
             raise ValueError(f"Gemma 3 with hidden_activation {config.hidden_activation!r} is not supported (gelu_pytorch_tanh is)")
-        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2)
-        self.act = GeluAndMul()
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        super().__init__(config, act=GeluAndMul())
 
 
 class Gemma3DecoderLayer(nn.Module):

@@ -63,10 +63,11 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, act: nn.Module | None = None) -> None:
+        """act: the gated activation (SiLU by default; Gemma's GELU)."""
         super().__init__()
         self.gate_up_proj = ColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2)
-        self.act = SiluAndMul()
+        self.act = act if act is not None else SiluAndMul()
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
