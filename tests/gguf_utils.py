@@ -73,10 +73,21 @@ def write_gguf(
             values = (rng.standard_normal(shape) * std).astype(np.float32)
         if qtype in _K_SCALES:
             writer.add_tensor(name, random_k_quant(rng, shape, qtype, std), raw_dtype=qtype)
-        elif qtype in (Q.F32, Q.F16):
-            writer.add_tensor(name, values.astype(np.float32 if qtype == Q.F32 else np.float16))
         else:
-            writer.add_tensor(name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+            add_float_tensor(writer, name, values, qtype)
+    finish(writer)
+
+
+def add_float_tensor(writer: gguf.GGUFWriter, name: str, values: np.ndarray, qtype: Q) -> None:
+    """float32 values stored as F32, F16, or a type gguf-py can quantize to."""
+    if qtype in (Q.F32, Q.F16):
+        writer.add_tensor(name, values.astype(np.float32 if qtype == Q.F32 else np.float16))
+    else:
+        writer.add_tensor(name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
+
+
+def finish(writer: gguf.GGUFWriter) -> None:
+    """Write the header, metadata and tensors, and close the file."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -8,6 +8,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from gguf_utils import add_float_tensor, finish
 
 from pagedllm.loader import gguf as gguf_loader
 from pagedllm.loader import gguf_quants
@@ -106,14 +107,8 @@ def _write_gguf(path, architecture: str, tensors: dict[str, tuple[np.ndarray, gg
     writer.add_head_count(2)
     writer.add_head_count_kv(1)
     for name, (values, qtype) in tensors.items():
-        if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            writer.add_tensor(name, values.astype(np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16))
-        else:
-            writer.add_tensor(name, gguf.quants.quantize(values, qtype), raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        add_float_tensor(writer, name, values, qtype)
+    finish(writer)
 
 
 def test_every_block_type_dequantizes_like_gguf_py(tmp_path, monkeypatch):
