@@ -2,7 +2,7 @@
 the blocked layout oneDNN's kernels read (what vLLM's CPU build and torch.compile's CPU backend
 do), instead of `F.linear` reading the plain row-major matrix at every call.
 
-Measured on a 2-core AVX2 EPYC, float32, 2 threads (scripts in docs/benchmarks.md): the
+Measured on a 2-core AVX2 EPYC, float32, 2 threads (scripts/cpu_linear_bench.py): the
 SmolLM2 LM head (49152 x 576) 16.9 -> 8.9 ms for 1 token and 53 -> 28 ms for 32; an MLP
 projection (3072 x 576) 2.64 -> 1.28 ms for 32 tokens; never slower at 1..2048 tokens.
 The outputs agree with `F.linear` to float32 rounding (another summation order), not bit for bit.

@@ -1,0 +1,77 @@
+"""CPU time per streamed token in each process of `pagedllm serve` (HTTP process, engine cores)
+while `pagedllm bench serve` streams completions: where a server's ceiling comes from.
+
+    PYTHONPATH=. .venv/bin/python scripts/serve_cpu_cost.py [DATA_PARALLEL_SIZE] [NUM_PROMPTS]
+
+The model is the `tiny` random-weight Llama (dummy weights); prompts of 16 tokens, 128 out.
+Needs psutil (installed with the test and bench extras, through accelerate).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+import psutil
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pagedllm.benchmarks.workloads import write_config_folder  # noqa: E402
+
+OUTPUT_LEN = 128
+
+
+def _cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def main() -> None:
+    size = int(sys.argv[1]) if len(sys.argv) > 1 else 1
+    num_prompts = int(sys.argv[2]) if len(sys.argv) > 2 else 64
+    folder = write_config_folder("tiny", tempfile.mkdtemp())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PAGEDLLM_NO_PROGRESS": "1"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", folder, "--load-format", "dummy", "--skip-tokenizer-init",
+         "--max-model-len", "1024", "--data-parallel-size", str(size), "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        parent = psutil.Process(server.pid)
+        processes = [parent] + parent.children(recursive=True)
+        before = {p.pid: _cpu_seconds(p) for p in processes}
+        result_path = os.path.join(tempfile.mkdtemp(), "bench.json")
+        subprocess.run(
+            [sys.executable, "-m", "pagedllm.entrypoints.cli", "bench", "serve", "--base-url", f"http://127.0.0.1:{port}",
+             "--num-prompts", str(num_prompts), "--random-input-len", "16", "--random-output-len", str(OUTPUT_LEN),
+             "--vocab-size", "1000", "--request-rate", "inf", "--output-json", result_path],
+            env=env, capture_output=True, check=True,
+        )
+        with open(result_path) as f:
+            result = json.load(f)
+        tokens = result["completed"] * OUTPUT_LEN
+        print(f"{tokens} tokens streamed at {result['output_token_throughput']:.0f} tok/s")
+        for p in processes:
+            print(f"{p.pid} {' '.join(p.cmdline())[:80]}: {(_cpu_seconds(p) - before[p.pid]) / tokens * 1e6:.1f} µs CPU per token")
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+if __name__ == "__main__":
+    main()
