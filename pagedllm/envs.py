@@ -30,9 +30,13 @@ _VARIABLES: dict[str, Callable[[], Any]] = {
     # tensor-parallel workers write a torch.profiler trace of steps PAGEDLLM_PROFILE_STEPS here (executor/step_trace.py)
     "PAGEDLLM_TORCH_PROFILER_DIR": lambda: os.environ.get("PAGEDLLM_TORCH_PROFILER_DIR"),
     "PAGEDLLM_PROFILE_STEPS": lambda: os.environ.get("PAGEDLLM_PROFILE_STEPS", "100:140"),
+    # "0": quantized CPU layers use torch's int4 kernel instead of pagedllm's compiled ones (layers/cpu_kernels.py)
+    "PAGEDLLM_CPU_KERNELS": lambda: os.environ.get("PAGEDLLM_CPU_KERNELS", "1") != "0",
+    # pagedllm's own cache: compiled CPU kernels, and models unless PAGEDLLM_MODEL_CACHE says otherwise
+    "PAGEDLLM_CACHE_DIR": lambda: os.environ.get("PAGEDLLM_CACHE_DIR")
+    or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "pagedllm"),
     # where `pagedllm pull` puts model files (loader/catalogue.py)
-    "PAGEDLLM_MODEL_CACHE": lambda: os.environ.get("PAGEDLLM_MODEL_CACHE")
-    or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "pagedllm", "models"),
+    "PAGEDLLM_MODEL_CACHE": lambda: os.environ.get("PAGEDLLM_MODEL_CACHE") or os.path.join(_VARIABLES["PAGEDLLM_CACHE_DIR"](), "models"),
 }
 
 

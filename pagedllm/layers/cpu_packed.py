@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from pagedllm import envs
+from pagedllm.layers.vocab_parallel import logits_table
 
 logger = logging.getLogger("pagedllm")
 
@@ -73,10 +74,11 @@ def pack_model(model: nn.Module) -> int:
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, PackedLinear(weight, layer.bias))
         swapped += 1
-    head = _logits_table(model)
-    if head is not None and head.tp.world_size == 1:
-        head.packed_logits = packed_weight(head.weight)
-        if head.packed_logits is not None:
+    head = logits_table(model)
+    if head is not None and head.tp.world_size == 1 and head.logits_layer is None:
+        weight = packed_weight(head.weight)
+        if weight is not None:
+            head.logits_layer = PackedLinear(weight, None)
             swapped += 1
             if not getattr(model, "tie_word_embeddings", False):  # scored only through logits(): the copy is enough
                 head.weight.data = head.weight.data.new_empty(0, head.weight.shape[1])
@@ -84,13 +86,3 @@ def pack_model(model: nn.Module) -> int:
         logger.info("CPU: %d matrices reordered for oneDNN (%s)", swapped, str(first.dtype).removeprefix("torch."))
     return swapped
 
-
-def _logits_table(model: nn.Module) -> nn.Module | None:
-    """The VocabParallelEmbedding whose logits() the model calls (the LM head, or the tied embedding)."""
-    from pagedllm.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding  # (it imports this module)
-
-    tables = [m for m in model.modules() if isinstance(m, VocabParallelEmbedding)]
-    heads = [m for m in tables if isinstance(m, ParallelLMHead)]
-    if heads:
-        return heads[0]
-    return tables[0] if getattr(model, "tie_word_embeddings", False) and tables else None

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.distributed import get_tp_group
-from pagedllm.layers.cpu_packed import packed_linear
 
 
 class VocabParallelEmbedding(nn.Embedding):
@@ -28,7 +27,9 @@ class VocabParallelEmbedding(nn.Embedding):
         self.vocab_size = vocab_size
         self.vocab_start = min(tp.rank * rows, vocab_size)  # this rank's real rows: [vocab_start, vocab_end)
         self.vocab_end = min(self.vocab_start + rows, vocab_size)
-        self.packed_logits: torch.Tensor | None = None  # CPU: the table in oneDNN's layout (layers/cpu_packed.py)
+        # CPU, one rank: the table in another layout that logits() multiplies with instead (oneDNN's,
+        # layers/cpu_packed.py, or GGUF's Q8_0 blocks, loader/quantize.py)
+        self.logits_layer: nn.Module | None = None
         if tp.world_size > 1:
             self.weight.weight_loader = self._load_rows
 
@@ -43,8 +44,8 @@ class VocabParallelEmbedding(nn.Embedding):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(T, E) -> (T, V): the table used as the output layer (tied embeddings, the LM head)."""
-        if self.packed_logits is not None:
-            return packed_linear(hidden, self.packed_logits)  # (single rank only)
+        if self.logits_layer is not None:
+            return self.logits_layer(hidden)
         local = hidden @ self.weight.t()  # (T, V' / N)
         if self.tp.world_size == 1:
             return local
@@ -63,3 +64,12 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("the LM head scores hidden states: call logits(hidden)")
+
+
+def logits_table(model: nn.Module) -> VocabParallelEmbedding | None:
+    """The table whose logits() the model calls: the LM head, or the tied embedding."""
+    tables = [m for m in model.modules() if isinstance(m, VocabParallelEmbedding)]
+    heads = [m for m in tables if isinstance(m, ParallelLMHead)]
+    if heads:
+        return heads[0]
+    return tables[0] if getattr(model, "tie_word_embeddings", False) and tables else None

@@ -1,14 +1,15 @@
 """`quantization=gguf|int4|int8`: swap a loaded model's linear layers for ones that compute on
 quantized weights (layers/quantized_linear.py), and say which layer computes in which format.
 
-    gguf  the GGUF file's Q4_0 / Q4_1 matrices, packed as they are stored (no rounding of the
-          values; the scales go to bfloat16); matrices of other types stay dense
-    int4  any checkpoint: groups of 32 quantized at load (asymmetric, round to nearest)
-    int8  any checkpoint: per-row symmetric int8
+    gguf  the GGUF file's Q4_0 / Q4_1 matrices as they are stored (no rounding of the values),
+          and with pagedllm's kernels its Q8_0 logits table (the LM head, or the tied
+          embedding: lookups still read the dense table); matrices of other types stay dense
+    int4  any checkpoint: blocks of 32 quantized at load (asymmetric, round to nearest)
+    int8  any checkpoint: symmetric int8, per block of 32 (pagedllm's kernels) or per row (torch's)
 
 Merged projections (q/k/v -> qkv_proj, gate/up -> gate_up_proj) are packed from their GGUF parts
-when all the parts are Q4; the model class lists the merges (`stacked_weights`). The embedding
-and the LM head stay dense.
+when all the parts are Q4; the model class lists the merges (`stacked_weights`). With int4 and
+int8 the embedding and the LM head stay dense.
 """
 
 from __future__ import annotations
@@ -20,21 +21,22 @@ import mmap
 import torch
 from torch import nn
 
+from pagedllm.layers.cpu_kernels import BLOCK, Q4Blocks, Q8Blocks
 from pagedllm.layers.quantized_linear import (
-    _Q4_BLOCK_BYTES,
-    GROUP_SIZE,
-    QUANTIZATIONS,
-    Int4Weight,
-    int4_from_gguf,
+    BLOCK_BYTES,
+        QUANTIZATIONS,
+    BlockLinear,
+    blocks_from_gguf,
     kernel_dtype,
     quantized_from,
 )
+from pagedllm.layers.vocab_parallel import logits_table
 
 logger = logging.getLogger("pagedllm")
 
 
-def read_gguf_int4(path: str) -> dict[str, Int4Weight]:
-    """The Q4_0 / Q4_1 matrices of a GGUF file as int4 groups, by transformers parameter name
+def read_gguf_blocks(path: str) -> dict[str, Q4Blocks | Q8Blocks]:
+    """The Q4_0 / Q4_1 / Q8_0 matrices of a GGUF file as blocks, by transformers parameter name
     (q/k rows put back in HF order, as the dequantizing loader does)."""
     from pagedllm.loader import gguf
 
@@ -48,14 +50,14 @@ def read_gguf_int4(path: str) -> dict[str, Int4Weight]:
     out = {}
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
         for info in header.tensors:
-            if info.ggml_type not in _Q4_BLOCK_BYTES or len(info.shape) != 2:
+            if info.ggml_type not in BLOCK_BYTES or len(info.shape) != 2:
                 continue
             raw = torch.frombuffer(bytearray(data[info.offset : info.offset + info.nbytes]), dtype=torch.uint8)
-            blocks = raw.view(info.shape[0], -1, _Q4_BLOCK_BYTES[info.ggml_type])  # (N, K / 32, bytes)
+            blocks = raw.view(info.shape[0], -1, BLOCK_BYTES[info.ggml_type])  # (N, K / 32, bytes)
             kind = info.name.split(".")[-2]
             if kind in heads:  # a permutation of whole rows: the same on blocks as on values
                 blocks = gguf._unpermute_rotary(blocks, heads[kind])
-            out[arch.hf_name(info.name)] = int4_from_gguf(blocks, info.ggml_type)
+            out[arch.hf_name(info.name)] = blocks_from_gguf(blocks, info.ggml_type)
     return out
 
 
@@ -69,6 +71,14 @@ def _gguf_parts(layer_name: str, stacked: list[tuple[str, str, int]]) -> list[st
     parts = sorted((index, theirs) for ours, theirs, index in stacked if ours == leaf)
     names = [f"{parent}.{theirs}" for _, theirs in parts] if parts else [layer_name]
     return [f"{n}.weight" for n in names]
+
+
+def _fits(layer: nn.Linear, method: str, compute: torch.dtype) -> bool:
+    """Whether the kernel takes this shape: inputs in blocks of 32 (torch's int8 kernel takes
+    any), and for torch's int4 kernel outputs by 16."""
+    if compute == torch.float32:
+        return layer.in_features % BLOCK == 0
+    return method == "int8" or (layer.in_features % BLOCK == 0 and layer.out_features % 16 == 0)
 
 
 def quantize_model(model: nn.Module, method: str, gguf_path: str | None = None, capability: str | None = None) -> dict[str, int]:
@@ -86,25 +96,42 @@ def quantize_model(model: nn.Module, method: str, gguf_path: str | None = None, 
             method, torch.backends.cpu.get_cpu_capability(), dense_format,
         )
         return {dense_format: len(layers)}
-    packed = read_gguf_int4(gguf_path) if method == "gguf" else {}
+    packed = read_gguf_blocks(gguf_path) if method == "gguf" else {}
     stacked = getattr(type(model), "stacked_weights", [])
     formats: collections.Counter = collections.Counter()
     kinds: dict[str, set[str]] = collections.defaultdict(set)
     for name, layer in layers:
         parent_name, _, leaf = name.rpartition(".")
         parts = [packed.get(p) for p in _gguf_parts(name, stacked)] if method == "gguf" else []
-        # Dense stay: GGUF layers with a part that is not Q4, and for int4 the shapes the kernel
-        # cannot tile (outputs by 16, inputs in groups of 32).
-        misfit = method != "int8" and (layer.out_features % 16 or layer.in_features % GROUP_SIZE)
-        fmt = dense_format if misfit or any(p is None for p in parts) else ("int8" if method == "int8" else "int4")
+        # Dense stay: GGUF layers with a part that is not Q4, and shapes the kernel cannot take.
+        fits = _fits(layer, method, compute) and all(isinstance(p, Q4Blocks) for p in parts)
+        fmt = ("int8" if method == "int8" else "int4") if fits else dense_format
         formats[fmt] += 1
         kinds[fmt].add(leaf)
         if fmt != dense_format:
-            weight = Int4Weight.cat(parts) if parts else None
+            weight = Q4Blocks.cat(parts) if parts else None
             setattr(model.get_submodule(parent_name), leaf, quantized_from(layer, weight, fmt, compute))
+    head = _quantized_logits(model, packed) if compute == torch.float32 else None
     summary = "; ".join(f"{n} layers {fmt} ({', '.join(sorted(kinds[fmt]))})" for fmt, n in formats.items())
     logger.info(
-        "quantization=%s: %s; activations %s around the %s kernels; embedding and LM head %s",
-        method, summary, str(compute).removeprefix("torch."), torch.backends.cpu.get_cpu_capability(), dense_format,
+        "quantization=%s: %s; %s; embedding %s, LM head %s",
+        method,
+        summary,
+        "pagedllm's AVX2 kernels, int8 activations" if compute == torch.float32 else f"torch's kernels, {compute} activations",
+        dense_format,
+        head or dense_format,
     )
     return dict(formats)
+
+
+def _quantized_logits(model: nn.Module, packed: dict[str, Q4Blocks | Q8Blocks]) -> str | None:
+    """Score logits on the GGUF's own Q8_0 table, if it has one: its format, else None."""
+    table = logits_table(model)
+    name = next((n for n, m in model.named_modules() if m is table), None)
+    blocks = packed.get(f"{name}.weight") if table is not None and table.tp.world_size == 1 else None
+    if not isinstance(blocks, Q8Blocks) or blocks.shape != tuple(table.weight.shape):
+        return None
+    table.logits_layer = BlockLinear(blocks)
+    if not getattr(model, "tie_word_embeddings", False):  # scored only through logits(): the blocks are enough
+        table.weight.data = table.weight.data.new_empty(0, table.weight.shape[1])
+    return "int8 (GGUF Q8_0)"

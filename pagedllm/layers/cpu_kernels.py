@@ -1,0 +1,167 @@
+"""pagedllm's own CPU kernels (layers/csrc/cpu_kernels.c): integer dot products on 4- and 8-bit
+weight blocks, as GGUF defines them, for x86-64 CPUs with AVX2, FMA and F16C.
+
+The C file is compiled at first use with the system's C compiler (under a second, no build step
+at install), cached by the hash of its source and flags in ~/.cache/pagedllm/cpu_kernels, and
+called through ctypes. Where it cannot run -- no compiler, another CPU, PAGEDLLM_CPU_KERNELS=0 --
+`lib()` is None and callers take torch's kernels; the reason is logged once.
+
+Weights, as contiguous tensors (N output rows, K inputs, K / 32 blocks a row):
+    Q4Blocks  qs (N, K/32, 16) uint8, byte j = value j | value j + 16 << 4;  dm (N, K/32, 2) fp16 [d, m]
+              w = d * q + m  (GGUF Q4_1 as stored; Q4_0 is m = -8 d)
+    Q8Blocks  qs (N, K) int8;  d (N, K/32) fp16                        w = d * q  (GGUF Q8_0)
+Activations are quantized to int8 in blocks of 32 inside each product (as llama.cpp does), so
+the products differ from float ones by that rounding: about 0.5% of a block's largest value.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from pagedllm import envs
+
+logger = logging.getLogger("pagedllm")
+
+_SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "cpu_kernels.c")
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared"]
+_CPU_FLAGS = {"avx2", "fma", "f16c"}
+BLOCK = 32
+
+
+@dataclass(frozen=True)
+class Q4Blocks:
+    qs: torch.Tensor  # (N, K / 32, 16) uint8
+    dm: torch.Tensor  # (N, K / 32, 2) float16: [d, m]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.qs.shape[0], self.qs.shape[1] * BLOCK
+
+    @staticmethod
+    def cat(parts: list[Q4Blocks]) -> Q4Blocks:
+        """Rows stacked (merged q/k/v or gate/up projections)."""
+        return Q4Blocks(torch.cat([p.qs for p in parts]), torch.cat([p.dm for p in parts]))
+
+    def dequantize(self) -> torch.Tensor:
+        q = torch.cat([self.qs & 0x0F, self.qs >> 4], dim=-1).float()  # (N, K/32, 32) in value order
+        dm = self.dm.float()
+        return (q * dm[..., :1] + dm[..., 1:]).flatten(1)
+
+
+@dataclass(frozen=True)
+class Q8Blocks:
+    qs: torch.Tensor  # (N, K) int8
+    d: torch.Tensor  # (N, K / 32) float16
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.qs.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.qs.shape
+        return (self.qs.view(n, -1, BLOCK).float() * self.d.float()[..., None]).view(n, k)
+
+
+def matmul(x: torch.Tensor, weight: Q4Blocks | Q8Blocks) -> torch.Tensor:
+    """x (..., K) float32 @ weight (N, K)^T -> (..., N) float32. Only where lib() is not None."""
+    n, k = weight.shape
+    shape = x.shape
+    x = x.reshape(-1, k).contiguous()
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    if isinstance(weight, Q4Blocks):
+        status = lib().matmul_q4(weight.qs.data_ptr(), weight.dm.data_ptr(), x.data_ptr(), y.data_ptr(), x.shape[0], n, k)
+    else:
+        status = lib().matmul_q8(weight.qs.data_ptr(), weight.d.data_ptr(), x.data_ptr(), y.data_ptr(), x.shape[0], n, k)
+    if status:
+        raise MemoryError(f"out of memory quantizing a ({x.shape[0]}, {k}) activation")
+    return y.view(*shape[:-1], n)
+
+
+@functools.cache
+def lib() -> ctypes.CDLL | None:
+    """The compiled kernels, or None where they cannot run here (the reason is logged once)."""
+    return load()
+
+
+def load() -> ctypes.CDLL | None:
+    """lib() without the cache: compile if needed and load, or log why not and return None."""
+    reason = _unavailable()
+    if reason is not None:
+        logger.info("CPU kernels off (%s): quantized layers use torch's kernels", reason)
+        return None
+    try:
+        path = _compiled()
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = getattr(error, "stderr", None) or error
+        logger.warning("CPU kernels off: compiling %s failed (%s); quantized layers use torch's kernels", _SOURCE, detail)
+        return None
+    library = ctypes.CDLL(path)
+    for name in ("matmul_q4", "matmul_q8"):
+        fn = getattr(library, name)
+        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+        fn.restype = ctypes.c_int
+    return library
+
+
+def _unavailable() -> str | None:
+    if not envs.PAGEDLLM_CPU_KERNELS:
+        return "PAGEDLLM_CPU_KERNELS=0"
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return f"written for x86-64, this is {platform.machine()}"
+    missing = _CPU_FLAGS - _cpu_flags()
+    if missing:
+        return f"this CPU lacks {', '.join(sorted(missing))}"
+    if shutil.which(_compiler()) is None:
+        return f"no C compiler ({_compiler()}); install gcc to use them"
+    return None
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _compiler() -> str:
+    return os.environ.get("CC", "gcc")
+
+
+def _compiled() -> str:
+    """Path of the shared library, compiled now unless this source and these flags already were."""
+    with open(_SOURCE, "rb") as f:
+        source = f.read()
+    key = hashlib.sha256(source + " ".join([_compiler(), *_FLAGS]).encode()).hexdigest()[:16]
+    folder = os.path.join(os.path.expanduser(envs.PAGEDLLM_CACHE_DIR), "cpu_kernels", key)
+    path = os.path.join(folder, "libpagedllm_cpu.so")
+    if os.path.exists(path):
+        return path
+    os.makedirs(folder, exist_ok=True)
+    start = time.perf_counter()
+    # Written under another name and renamed: processes compiling at once each see a whole file.
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=folder)
+    os.close(fd)
+    try:
+        subprocess.run([_compiler(), *_FLAGS, "-o", partial, _SOURCE], check=True, capture_output=True, text=True)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    logger.info("CPU kernels compiled in %.1f s (%s)", time.perf_counter() - start, path)
+    return path
