@@ -4,11 +4,19 @@ Engine state (running / waiting requests, KV cache usage, prefix-cache and preem
 totals) comes from the engine core's stats, sent with every step; latencies are measured
 per request by the front end (`RequestTiming`). Each server has its own registry; with data
 parallelism every replica has its own series (label `engine`).
+
+With several API server processes (`--api-server-count`), every process writes its series to
+files in PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess mode, set up by the parent)
+and /metrics on any of them reads them all: the request counters and histograms add up over
+the processes. Every API server gets every replica's stats, but only API server 0 records them
+(the prefix-cache and preemption counters would otherwise count K times); the engine gauges
+report the most recent value written by any process.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from pagedllm.engine.messages import EngineStats
 from pagedllm.engine.request_timing import RequestTiming
@@ -24,13 +32,16 @@ class ServerMetrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, api_server: int | None = None) -> None:
+        """api_server: this process's index among several API servers (multiprocess mode), or None."""
         self.registry = CollectorRegistry()
         self.model_name = model_name
+        self.multiprocess = api_server is not None
+        self.records_engine_stats = not api_server  # None or 0
         labels = ["model_name", "engine"]
 
         def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(f"pagedllm:{name}", doc, labels, registry=self.registry)
+            return Gauge(f"pagedllm:{name}", doc, labels, registry=self.registry, multiprocess_mode="mostrecent")
 
         def counter(name: str, doc: str) -> Counter:
             return Counter(f"pagedllm:{name}", doc, labels, registry=self.registry)
@@ -63,7 +74,11 @@ class ServerMetrics:
         return EngineMetrics(self, index)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # every API server's files
+        return generate_latest(registry)
 
 
 class EngineMetrics:
@@ -79,6 +94,9 @@ class EngineMetrics:
         self.kv_cache_usage = f.kv_cache_usage.labels(**labels)
         self.engine_alive = f.engine_alive.labels(**labels)
         self.engine_alive.set(1)
+        if families.records_engine_stats:  # a series appears before the first stats
+            for gauge in (self.num_requests_running, self.num_requests_waiting, self.kv_cache_usage):
+                gauge.set(0)
         self._totals = [m.labels(**labels) for m in (f.prefix_cache_queries, f.prefix_cache_hits, f.num_preemptions)]
         self.prompt_tokens = f.prompt_tokens.labels(**labels)
         self.generation_tokens = f.generation_tokens.labels(**labels)
@@ -88,6 +106,8 @@ class EngineMetrics:
         self._last_totals = (0, 0, 0)  # the engine sends running totals; counters take increments
 
     def record_stats(self, stats: EngineStats) -> None:
+        if not self._families.records_engine_stats:
+            return
         self.num_requests_running.set(stats.num_running)
         self.num_requests_waiting.set(stats.num_waiting)
         self.kv_cache_usage.set(stats.kv_cache_usage)

@@ -1,7 +1,9 @@
-"""CPU time per streamed token in each process of `pagedllm serve` (HTTP process, engine cores)
+"""CPU time per streamed token in each process of `pagedllm serve` (HTTP processes, engine cores)
 while `pagedllm bench serve` streams completions: where a server's ceiling comes from.
 
-    PYTHONPATH=. .venv/bin/python scripts/serve_cpu_cost.py [DATA_PARALLEL_SIZE] [NUM_PROMPTS]
+    PYTHONPATH=. .venv/bin/python scripts/serve_cpu_cost.py [DATA_PARALLEL_SIZE] [NUM_PROMPTS] [API_SERVER_COUNT]
+
+API_SERVER_COUNT defaults to the server's default (the data-parallel size).
 
 The model is the `tiny` random-weight Llama (dummy weights); prompts of 16 tokens, 128 out.
 Needs psutil (installed with the test and bench extras, through accelerate).
@@ -34,6 +36,7 @@ def _cpu_seconds(process: psutil.Process) -> float:
 def main() -> None:
     size = int(sys.argv[1]) if len(sys.argv) > 1 else 1
     num_prompts = int(sys.argv[2]) if len(sys.argv) > 2 else 64
+    api_servers = ["--api-server-count", sys.argv[3]] if len(sys.argv) > 3 else []
     folder = write_config_folder("tiny", tempfile.mkdtemp())
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -41,7 +44,7 @@ def main() -> None:
     env = {**os.environ, "PAGEDLLM_NO_PROGRESS": "1"}
     server = subprocess.Popen(
         [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", folder, "--load-format", "dummy", "--skip-tokenizer-init",
-         "--max-model-len", "1024", "--data-parallel-size", str(size), "--port", str(port)],
+         "--max-model-len", "1024", "--data-parallel-size", str(size), *api_servers, "--port", str(port)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -74,6 +75,11 @@ class RemoteServer:
         if pid is None:
             raise RuntimeError(f"no engine core process under the server (pid {self.process.pid})")
         return pid
+
+    def api_server_pids(self) -> dict[int, int]:
+        """With several API server processes: index -> pid, from the server's start-up log."""
+        found = re.findall(r"API server (\d+): pid (\d+)", self.read_log())
+        return {int(index): int(pid) for index, pid in found}
 
     def metric(self, name: str) -> float:
         text = httpx.get(self.url("/metrics"), timeout=10).text

@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
-from server_utils import DEFAULT_ARGS, RemoteServer
+from server_utils import DEFAULT_ARGS, RemoteServer, child_pids, pid_alive, port_is_free
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_CODE = ("pagedllm.worker", "pagedllm.models", "pagedllm.layers", "pagedllm.attention", "pagedllm.executor")
@@ -58,13 +59,22 @@ def test_engine_reaches_the_model_only_through_the_executor():
     assert not breaches
 
 
-def test_running_server_process_loads_no_torch():
-    """The live HTTP process, after serving a request: no libtorch mapped into it."""
-    server = RemoteServer(DEFAULT_ARGS)
+@pytest.mark.parametrize("api_server_count", [1, 2])
+def test_running_server_processes_load_no_torch(api_server_count):
+    """The live HTTP process, after serving a request: no libtorch mapped into it. With two API
+    server processes: neither of them, nor their parent."""
+    server = RemoteServer([*DEFAULT_ARGS, "--api-server-count", str(api_server_count)])
     try:
-        r = httpx.post(server.url("/v1/completions"), json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
-        assert r.status_code == 200
-        maps = Path(f"/proc/{server.process.pid}/maps").read_text()
-        assert "libtorch" not in maps
+        for _ in range(2 * api_server_count):
+            r = httpx.post(server.url("/v1/completions"), json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+            assert r.status_code == 200
+        http_pids = [server.process.pid, *server.api_server_pids().values()]
+        assert len(http_pids) == api_server_count + (api_server_count > 1)
+        for pid in http_pids:
+            assert "libtorch" not in Path(f"/proc/{pid}/maps").read_text(), pid
+        everything = [*server.api_server_pids().values(), *(p for pid in http_pids for p in child_pids(pid))]
     finally:
         server.close()
+    assert server.process.returncode == 0
+    assert not [pid for pid in everything if pid_alive(pid)]  # SIGTERM stopped every process
+    assert port_is_free(server.port)

@@ -10,16 +10,16 @@
 Outputs are cumulative RequestOutputs, so a stream keeps only the latest one: a slow
 reader skips ahead and loses nothing. When the core process dies, every open stream
 fails with EngineDeadError and later requests are refused with it; nothing waits forever.
+
+A client either starts its core (`start`: one API server, which owns it) or connects to one
+that the server's parent started (`connect`, with several API servers: front end k of K).
+Requests carry the front end's index, so the core sends each one's outputs back to it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
-import os
-import shutil
-import tempfile
 import time
 from typing import Protocol
 
@@ -27,7 +27,7 @@ import zmq
 import zmq.asyncio
 
 from pagedllm.config import EngineArgs
-from pagedllm.engine.core_proc import run_engine_core
+from pagedllm.engine.core_handle import EngineCoreAddress, EngineCoreHandle, ProcessWatch, exit_message
 from pagedllm.engine.input_processor import InputProcessor, Prompt
 from pagedllm.engine.messages import (
     AbortRequests,
@@ -38,7 +38,6 @@ from pagedllm.engine.messages import (
     EngineReady,
     EngineStats,
     RequestFailed,
-    Shutdown,
     decode,
     encode,
 )
@@ -125,15 +124,19 @@ class RequestStream:
 
 
 class AsyncEngineClient:
-    def __init__(self, process, ready: EngineReady, sockets: _Sockets, stats_observer: StatsObserver | None) -> None:
-        self.process = process
+    def __init__(
+        self, process, ready: EngineReady, sockets: _Sockets, front_end: int, owned: EngineCoreHandle | None
+    ) -> None:
+        self.process = process  # is_alive(), pid, exitcode: the core's multiprocessing.Process, or a ProcessWatch
         self.info: EngineInfo = ready.info
         self.tokenizer = ready.tokenizer
         self.inputs = InputProcessor(self.tokenizer, self.info)
         self.outputs = OutputProcessor(self.tokenizer)
         self.latest_stats: EngineStats | None = None
-        self.stats_observer = stats_observer  # may be set later, once info names the model
+        self.stats_observer: StatsObserver | None = None  # set by observe(), once info names the model
         self.num_outstanding_tokens = 0  # over the open requests: what a data-parallel router balances
+        self.front_end = front_end
+        self._owned = owned
         self._sockets = sockets
         self._streams: dict[str, RequestStream] = {}
         self._parent_of: dict[str, str] = {}  # core request id -> request id
@@ -143,32 +146,39 @@ class AsyncEngineClient:
     # -- life cycle ------------------------------------------------------------------------------
 
     @classmethod
-    async def start(
-        cls, args: EngineArgs, stats_observer: StatsObserver | None = None, env: dict[str, str] | None = None
-    ) -> AsyncEngineClient:
+    async def start(cls, args: EngineArgs, env: dict[str, str] | None = None) -> AsyncEngineClient:
         """Spawn the engine core process and wait until its model is loaded. `env`: variables
         the core process sets before it starts (a data-parallel replica's devices and threads)."""
-        sockets = _Sockets.bind()
-        process = multiprocessing.get_context("spawn").Process(
-            target=_run_engine_core_with,
-            args=(env or {}, args, sockets.input_address, sockets.output_address, os.getpid()),
-            name="pagedllm-engine-core",
-        )
-        process.start()
+        core = EngineCoreHandle.start(args, num_front_ends=1, env=env)
+        try:
+            return await cls._connect(core.address, 0, core.process, owned=core)
+        except BaseException:
+            await asyncio.to_thread(core.stop)
+            raise
+
+    @classmethod
+    async def connect(cls, address: EngineCoreAddress, front_end: int) -> AsyncEngineClient:
+        """Reach a core that another process started, as front end `front_end` of its
+        output_addresses; wait until its model is loaded."""
+        return await cls._connect(address, front_end, ProcessWatch(address.pid), owned=None)
+
+    @classmethod
+    async def _connect(cls, address: EngineCoreAddress, front_end: int, process, owned: EngineCoreHandle | None) -> AsyncEngineClient:
+        sockets = _Sockets(address.input_address, address.output_addresses[front_end])
         try:
             ready = await _wait_ready(process, sockets.output)
         except BaseException:
-            _stop_process(process, timeout=2.0)
             sockets.close()
             raise
-        logger.info("engine core process %d is ready", ready.pid)
-        return cls(process, ready, sockets, stats_observer)
+        if front_end == 0:  # once per core
+            logger.info("engine core process %d is ready", ready.pid)
+        return cls(process, ready, sockets, front_end, owned)
 
     @property
     def dead_error(self) -> EngineDeadError | None:
         """Why the engine is gone, or None while it runs."""
         if self._dead is None and not self.process.is_alive():
-            self._die(EngineDeadError(_exit_message(self.process)))
+            self._die(EngineDeadError(exit_message(self.process)))
         return self._dead
 
     @property
@@ -181,16 +191,15 @@ class AsyncEngineClient:
         self.stats_observer = metrics.engine(0)
 
     async def shutdown(self, timeout: float = 2.0) -> None:
-        """End the core process (asking first, then terminating) and fail what is still open."""
+        """Fail what is still open; end the core process if this client started it (asking
+        first, then terminating)."""
         self._output_task.cancel()
-        if self.process.is_alive():
-            try:
-                self._sockets.input.send(encode(Shutdown()), zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
-            await asyncio.to_thread(_stop_process, self.process, timeout)
+        if self._owned is not None:
+            await asyncio.to_thread(self._owned.stop, timeout)
         self._die(EngineDeadError("the server is shutting down"))
         self._sockets.close()
+        if isinstance(self.process, ProcessWatch):
+            self.process.close()
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -215,7 +224,7 @@ class AsyncEngineClient:
         self._streams[request_id] = stream
         self._parent_of.update((core_id, request_id) for core_id in core_ids)
         try:
-            self._send(AddRequests(requests))
+            self._send(AddRequests(requests, self.front_end))
         except EngineDeadError:
             self._forget(stream)
             self.outputs.abort(request_id)
@@ -252,7 +261,7 @@ class AsyncEngineClient:
 
     def _send(self, message) -> None:
         try:
-            self._sockets.input.send(encode(message), zmq.NOBLOCK)
+            self._sockets.input.send(encode(message), zmq.NOBLOCK)  # queues while the core is away (the input connects)
         except zmq.ZMQError as e:
             raise EngineDeadError(f"cannot reach the engine core process: {e}") from e
 
@@ -263,7 +272,7 @@ class AsyncEngineClient:
             while True:
                 if not await self._sockets.output.poll(_LIVENESS_POLL_MS):
                     if not self.process.is_alive():
-                        raise EngineDeadError(_exit_message(self.process))
+                        raise EngineDeadError(exit_message(self.process))
                     continue
                 message = decode(await self._sockets.output.recv())
                 if isinstance(message, CoreOutputs):
@@ -345,41 +354,25 @@ class AsyncEngineClient:
 
 
 class _Sockets:
-    """The two zmq sockets, bound by the server on ipc:// paths in a private folder."""
+    """The two zmq sockets of one front end to one core: requests go to the core's input
+    (connected, so sends queue and never block the event loop); outputs come to this front
+    end's own output address (bound here)."""
 
-    def __init__(self, folder: str) -> None:
-        self.folder = folder
-        self.input_address = f"ipc://{folder}/input"
-        self.output_address = f"ipc://{folder}/output"
+    def __init__(self, input_address: str, output_address: str) -> None:
         self.sync_context = zmq.Context()
         self.async_context = zmq.asyncio.Context()
         self.input = self.sync_context.socket(zmq.PUSH)
-        self.input.setsockopt(zmq.SNDHWM, 0)  # sends never block the event loop
-        self.input.bind(self.input_address)
+        self.input.setsockopt(zmq.SNDHWM, 0)
+        self.input.connect(input_address)
         self.output = self.async_context.socket(zmq.PULL)
         self.output.setsockopt(zmq.RCVHWM, 0)
-        self.output.bind(self.output_address)
-
-    @classmethod
-    def bind(cls) -> _Sockets:
-        return cls(tempfile.mkdtemp(prefix="pagedllm-"))
+        self.output.bind(output_address)
 
     def close(self) -> None:
         self.input.close(linger=0)
         self.output.close(linger=0)
         self.sync_context.term()
         self.async_context.term()
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def _run_engine_core_with(env: dict[str, str], *args) -> None:
-    """The core process's entry: set `env` (before anything initializes CUDA or OpenMP), then run."""
-    os.environ.update(env)
-    if "OMP_NUM_THREADS" in env:
-        import torch
-
-        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
-    run_engine_core(*args)
 
 
 async def _wait_ready(process, output: zmq.asyncio.Socket) -> EngineReady:
@@ -391,20 +384,4 @@ async def _wait_ready(process, output: zmq.asyncio.Socket) -> EngineReady:
             if isinstance(message, EngineDead):
                 raise EngineStartError(f"the engine failed to start: {message.message}")
         elif not process.is_alive():
-            raise EngineStartError(f"the engine failed to start: {_exit_message(process)}; see its log above")
-
-
-def _stop_process(process, timeout: float) -> None:
-    """Wait for a process asked to stop; then terminate it; then kill it."""
-    process.join(timeout)
-    if process.is_alive():
-        logger.warning("engine core process %d did not stop in %.0f s: terminating it", process.pid, timeout)
-        process.terminate()
-        process.join(2.0)
-    if process.is_alive():
-        process.kill()
-        process.join(2.0)
-
-
-def _exit_message(process) -> str:
-    return f"the engine core process (pid {process.pid}) exited with code {process.exitcode}"
+            raise EngineStartError(f"the engine failed to start: {exit_message(process)}; see its log above")

@@ -1,9 +1,11 @@
 """The engine core in its own process: a loop of drain messages -> step -> send outputs.
 
-The server process spawns `run_engine_core`; from then on the two only exchange the
-messages of `engine/messages.py`. The loop blocks on its input socket while there is no
-work, and otherwise only peeks at it between steps, so HTTP and tokenization in the
-server never stall a step.
+The server process spawns `run_engine_core` (engine/core_handle.py); from then on the
+core and its front ends only exchange the messages of `engine/messages.py`. The loop blocks
+on its input socket while there is no work, and otherwise only peeks at it between steps, so
+HTTP and tokenization in the server never stall a step. With several front ends (API server
+processes) the core has one output socket per front end and remembers which front end added
+each request.
 
 The process ends on a Shutdown message, when its parent disappears (so a killed server
 leaves no orphan), or after reporting an error it cannot recover from (EngineDead).
@@ -37,6 +39,7 @@ from pagedllm.engine.messages import (
 from pagedllm.logger import init_logging
 
 if TYPE_CHECKING:
+    from pagedllm.core.interface import EngineCoreOutput
     from pagedllm.core.request import Request
     from pagedllm.engine.core import EngineCore
 
@@ -45,31 +48,39 @@ logger = logging.getLogger("pagedllm")
 _IDLE_POLL_MS = 500  # how often an idle core checks that its parent is still there
 
 
-def run_engine_core(args: EngineArgs, input_address: str, output_address: str, parent_pid: int) -> None:
-    """Entry point of the engine core process."""
+def run_engine_core(args: EngineArgs, input_address: str, output_addresses: tuple[str, ...], parent_pid: int) -> None:
+    """Entry point of the engine core process; output_addresses: one per front end."""
     # Ctrl-C in a terminal reaches the whole process group: the server decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _exit_with_parent()
+    exit_with_parent()
     if os.getppid() != parent_pid:
         return  # the server died while this process was starting
     init_logging()
     context = zmq.Context()
     inputs = context.socket(zmq.PULL)
-    inputs.connect(input_address)
-    outputs = context.socket(zmq.PUSH)
-    outputs.setsockopt(zmq.SNDHWM, 0)  # never block a step on a slow reader
-    outputs.setsockopt(zmq.LINGER, 2000)  # let a last EngineDead reach the server
-    outputs.connect(output_address)
+    inputs.bind(input_address)
+    outputs = [context.socket(zmq.PUSH) for _ in output_addresses]
+    for socket, address in zip(outputs, output_addresses):
+        socket.setsockopt(zmq.SNDHWM, 0)  # never block a step on a slow reader
+        socket.setsockopt(zmq.LINGER, 2000)  # let a last EngineDead reach the server
+        socket.connect(address)
+    exit_code = 1
     try:
         exit_code = _run(args, inputs, outputs, parent_pid)
     finally:
         inputs.close(linger=0)
-        outputs.close()
+        for socket in outputs:  # after a Shutdown nobody reads; a last EngineDead may take 2 s to get through
+            socket.close(linger=0 if exit_code == 0 else None)
         context.term()
-    sys.exit(exit_code)
+    # Exit now: the interpreter's teardown of a model and a large KV cache takes seconds
+    # (1.9 s for the tiny model and 1 GiB of cache) that a stopping server would wait for.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
 
 
-def _run(args: EngineArgs, inputs: zmq.Socket, outputs: zmq.Socket, parent_pid: int) -> int:
+def _run(args: EngineArgs, inputs: zmq.Socket, outputs: list[zmq.Socket], parent_pid: int) -> int:
     """Load, report ready, loop; any failure is reported as EngineDead. Returns the exit code."""
     # Imported here, in the engine process: the server process imports this module to name
     # the entry point, and must not load the model code.
@@ -78,32 +89,39 @@ def _run(args: EngineArgs, inputs: zmq.Socket, outputs: zmq.Socket, parent_pid: 
     try:
         core = EngineCore(args)
     except (ValueError, OSError) as e:  # a bad option or model: the message says what to do
-        outputs.send(encode(EngineDead(str(e))))
+        _broadcast(outputs, EngineDead(str(e)))
         return 1
     except Exception as e:
         logger.error("engine core failed to start:\n%s", traceback.format_exc())
-        outputs.send(encode(EngineDead(f"{type(e).__name__}: {e}")))
+        _broadcast(outputs, EngineDead(f"{type(e).__name__}: {e}"))
         return 1
-    outputs.send(encode(EngineReady(core.info, core.tokenizer, os.getpid())))
+    _broadcast(outputs, EngineReady(core.info, core.tokenizer, os.getpid()))
     try:
         EngineCoreProc(core, inputs, outputs, parent_pid).run()
     except Exception as e:
         logger.error("engine core failed:\n%s", traceback.format_exc())
-        outputs.send(encode(EngineDead(f"{type(e).__name__}: {e}")))
+        _broadcast(outputs, EngineDead(f"{type(e).__name__}: {e}"))
         return 1
     finally:
         core.shutdown()  # tensor-parallel workers
     return 0
 
 
+def _broadcast(outputs: list[zmq.Socket], message) -> None:
+    data = encode(message)
+    for socket in outputs:
+        socket.send(data)
+
+
 class EngineCoreProc:
-    def __init__(self, core: EngineCore, inputs: zmq.Socket, outputs: zmq.Socket, parent_pid: int) -> None:
+    def __init__(self, core: EngineCore, inputs: zmq.Socket, outputs: list[zmq.Socket], parent_pid: int) -> None:
         self.core = core
         self.inputs = inputs
-        self.outputs = outputs
+        self.outputs = outputs  # by front-end index
         self.parent_pid = parent_pid
         self.running = True
         self.not_yet_scheduled: dict[str, Request] = {}  # for the queue-time metric
+        self.front_end_of: dict[str, int] = {}  # core request id -> the front end that added it, until it ends
 
     def run(self) -> None:
         while self.running:
@@ -113,7 +131,7 @@ class EngineCoreProc:
                 return
             if not self.core.has_unfinished_requests():
                 if changed:  # aborts freed blocks: let metrics see it now
-                    self._send(CoreOutputs([], self.core.stats()))
+                    self._send_outputs([], {})
                 elif os.getppid() != self.parent_pid:
                     logger.warning("engine core: the server process is gone, exiting")
                     return
@@ -124,9 +142,9 @@ class EngineCoreProc:
             outputs = self.core.step()
             for request_id, message in self.core.take_failed():  # a grammar that did not compile
                 self.not_yet_scheduled.pop(request_id, None)
-                self._send(RequestFailed(request_id, message))
+                self._fail(request_id, message)
             logger.debug("engine core: step of %.3f s, %d outputs", time.monotonic() - step_start, len(outputs))
-            self._send(CoreOutputs(outputs, self.core.stats(), self._newly_scheduled(step_start)))
+            self._send_outputs(outputs, self._newly_scheduled(step_start))
 
     def _drain_inputs(self, timeout_ms: int) -> bool:
         """Handle every waiting message; wait up to timeout_ms for the first one."""
@@ -141,15 +159,17 @@ class EngineCoreProc:
     def _handle(self, message) -> None:
         if isinstance(message, AddRequests):
             for request in message.requests:
+                self.front_end_of[request.request_id] = message.front_end
                 try:
                     self.not_yet_scheduled[request.request_id] = self.core.add_request(request)
                 except ValueError as e:
-                    self._send(RequestFailed(request.request_id, str(e)))
+                    self._fail(request.request_id, str(e))
         elif isinstance(message, AbortRequests):
             logger.debug("engine core: aborting %s", message.request_ids)
             self.core.abort(message.request_ids)
             for request_id in message.request_ids:
                 self.not_yet_scheduled.pop(request_id, None)
+                self.front_end_of.pop(request_id, None)
         elif isinstance(message, Shutdown):
             self.running = False
         else:
@@ -162,11 +182,24 @@ class EngineCoreProc:
             del self.not_yet_scheduled[request_id]
         return scheduled
 
-    def _send(self, message) -> None:
-        self.outputs.send(encode(message))
+    def _send_outputs(self, outputs: list[EngineCoreOutput], first_scheduled: dict[str, float]) -> None:
+        """One CoreOutputs to every front end: its own requests' outputs, and the stats."""
+        per_front_end = [CoreOutputs([], self.core.stats(), {}) for _ in self.outputs]
+        for request_id, at in first_scheduled.items():
+            per_front_end[self.front_end_of.get(request_id, 0)].first_scheduled[request_id] = at
+        for out in outputs:
+            front_end = self.front_end_of.pop(out.request_id, None) if out.finished else self.front_end_of.get(out.request_id)
+            if front_end is not None:  # None: the request already failed, and its front end knows
+                per_front_end[front_end].outputs.append(out)
+        for socket, message in zip(self.outputs, per_front_end):
+            socket.send(encode(message))
+
+    def _fail(self, request_id: str, message: str) -> None:
+        front_end = self.front_end_of.pop(request_id, 0)
+        self.outputs[front_end].send(encode(RequestFailed(request_id, message)))
 
 
-def _exit_with_parent() -> None:
+def exit_with_parent() -> None:
     """Linux: have the kernel send SIGTERM to this process when the server process dies."""
     if not sys.platform.startswith("linux"):
         return

@@ -10,6 +10,9 @@
 
 Each replica is an ordinary AsyncEngineClient with its own engine core process, KV cache and
 scheduler; nothing is shared between them. A request stays on its replica for its whole life.
+With several API server processes (entrypoints/openai/api_servers.py) each has its own
+DataParallelClient connected to every core, and routes by its own view: the outstanding
+tokens of the requests it sent itself (as vLLM's API servers do), not the server's total.
 
 Routing: a request goes to the live replica with the fewest outstanding tokens (prompt plus
 tokens still to generate, over its open requests); of equals, the one that got a request
@@ -28,11 +31,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import os
 from collections import OrderedDict
+from collections.abc import Coroutine
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
 
 from pagedllm.config import EngineArgs
 from pagedllm.engine.async_client import AsyncEngineClient, EngineDeadError, EngineStartError, RequestStream
+from pagedllm.engine.core_handle import EngineCoreAddress
 from pagedllm.engine.input_processor import Prompt
 from pagedllm.sampling_params import SamplingParams
 
@@ -45,22 +53,36 @@ _MAX_PREFIX_KEYS = 16384  # most prefixes remembered (least recently routed forg
 
 
 class DataParallelClient:
-    def __init__(self, replicas: list[AsyncEngineClient]) -> None:
+    def __init__(self, replicas: list[AsyncEngineClient], front_end: int = 0) -> None:
         self.replicas = replicas
         self.info = min((r.info for r in replicas), key=lambda info: info.max_model_len)  # what every replica takes
         self.tokenizer = replicas[0].tokenizer
         self._prefix_owner: OrderedDict[tuple, int] = OrderedDict()
-        self._last_routed = [0] * len(replicas)  # when each replica last got a request (a count): ties go to the oldest
+        # When each replica last got a request (a count): ties go to the oldest. Front end k
+        # starts at replica k, so that several API servers do not all start on replica 0.
+        self._last_routed = [(i - front_end) % len(replicas) - len(replicas) for i in range(len(replicas))]
         self._num_routed = 0
 
     @classmethod
     async def start(cls, args: EngineArgs, size: int) -> DataParallelClient:
         """Start `size` engine cores at once, each on its own devices; all or none."""
         try:
-            envs = replica_envs(args, size)
+            envs = await asyncio.to_thread(replica_envs_for, args, size)
         except ValueError as e:
             raise EngineStartError(str(e)) from e
-        started = await asyncio.gather(*(AsyncEngineClient.start(args, env=env) for env in envs), return_exceptions=True)
+        client = await cls._gather([AsyncEngineClient.start(args, env=env) for env in envs])
+        for index, replica in enumerate(client.replicas):
+            logger.info("data-parallel replica %d: engine core pid %d (%s)", index, replica.process.pid, describe_env(envs[index]))
+        return client
+
+    @classmethod
+    async def connect(cls, addresses: list[EngineCoreAddress], front_end: int) -> DataParallelClient:
+        """Reach engine cores that another process started, as front end `front_end`; all or none."""
+        return await cls._gather([AsyncEngineClient.connect(address, front_end) for address in addresses])
+
+    @classmethod
+    async def _gather(cls, clients: list[Coroutine[Any, Any, AsyncEngineClient]]) -> DataParallelClient:
+        started = await asyncio.gather(*clients, return_exceptions=True)
         failed = [(i, r) for i, r in enumerate(started) if isinstance(r, BaseException)]
         if failed:
             await asyncio.gather(*(r.shutdown() for r in started if isinstance(r, AsyncEngineClient)))
@@ -68,9 +90,7 @@ class DataParallelClient:
             if isinstance(error, EngineStartError):
                 raise EngineStartError(f"data-parallel replica {index}: {error}") from error
             raise error
-        for index, replica in enumerate(started):
-            logger.info("data-parallel replica %d: engine core pid %d (%s)", index, replica.process.pid, _describe(envs[index]))
-        return cls(started)
+        return cls(started, started[0].front_end)
 
     # -- health ----------------------------------------------------------------------------------
 
@@ -160,6 +180,15 @@ def _prefix_key(prompt: Prompt) -> tuple | None:
     return ("ids", tuple(prompt[:PREFIX_KEY_TOKENS])) if len(prompt) >= PREFIX_KEY_TOKENS else None
 
 
+def replica_envs_for(args: EngineArgs, size: int) -> list[dict[str, str]]:
+    """replica_envs, computed in a short-lived process (finding the device and counting GPUs
+    loads torch, which the server process must not); one replica keeps the whole machine."""
+    if size == 1:
+        return [{}]
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(replica_envs, args, size).result()
+
+
 def replica_envs(args: EngineArgs, size: int) -> list[dict[str, str]]:
     """Each replica's devices: on CUDA its own tensor_parallel_size GPUs, in order of the visible
     ones (CUDA_VISIBLE_DEVICES); on the CPU an equal share of the cores (OpenMP threads)."""
@@ -184,7 +213,9 @@ def replica_envs(args: EngineArgs, size: int) -> list[dict[str, str]]:
     return [{"OMP_NUM_THREADS": str(max(1, cores // size))} for _ in range(size)]
 
 
-def _describe(env: dict[str, str]) -> str:
+def describe_env(env: dict[str, str]) -> str:
+    if not env:
+        return "every device"
     if "CUDA_VISIBLE_DEVICES" in env:
         return f"GPUs {env['CUDA_VISIBLE_DEVICES']}"
     return f"CPU, {env['OMP_NUM_THREADS']} threads"

@@ -1,10 +1,12 @@
 """The typed messages between the server process (front end) and the engine core process.
 
-    front end ──AddRequests / AbortRequests / Shutdown──► core      (zmq PUSH -> PULL)
-    front end ◄──EngineReady / CoreOutputs / RequestFailed / EngineDead── core
+    front ends ──AddRequests / AbortRequests / Shutdown──► core      (zmq PUSH -> PULL)
+    front end k ◄──EngineReady / CoreOutputs / RequestFailed / EngineDead── core
 
-Both sockets are bound by the front end on ipc:// paths in a private temporary folder and
-carry pickled dataclasses: the peers are two processes of one program on one machine.
+The sockets live on ipc:// paths in a private temporary folder (engine/core_handle.py) and
+carry pickled dataclasses: the peers are processes of one program on one machine. With
+several front ends (API server processes), the core sends each request's outputs to the
+front end that added it, and its stats to every front end with every step.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class EngineCoreRequest:
 @dataclass(frozen=True)
 class AddRequests:
     requests: list[EngineCoreRequest]
+    front_end: int = 0  # where the core sends these requests' outputs
 
 
 @dataclass(frozen=True)

@@ -136,6 +136,11 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         help="run N engine cores (replicas of the model, each on its own GPUs, or its share of the CPU cores) behind "
         "this server; requests go to the least busy (default: 1)",
     )
+    group.add_argument(
+        "--api-server-count", type=int, default=None, metavar="K",
+        help="run K HTTP server processes on the port, each reaching every engine core, for when one process's CPU "
+        "limits streaming (default: the data-parallel size)",
+    )
     group.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False, help="log every HTTP request (default: off)")
     group.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="server log level (default: info)"

@@ -5,6 +5,8 @@
 
 The port is bound before the model loads (so a taken port fails at once), the engine
 process starts next, then uvicorn serves until SIGINT / SIGTERM, and the engine stops.
+With --api-server-count K > 1 this process becomes the parent of K such servers on the
+same port (api_servers.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import secrets
 import signal
 import socket
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -71,18 +75,41 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+class APIServerHeader:
+    """ASGI middleware: every response names the API server process that answered it
+    (`x-pagedllm-api-server: k`), to see how connections spread over the processes."""
+
+    def __init__(self, app, index: int) -> None:
+        self.app = app
+        self.header = (b"x-pagedllm-api-server", str(index).encode())
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_header(message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), self.header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
+
+
 def build_app(
     client: AsyncEngineClient | DataParallelClient,
     api_key: str | None = None,
     web_ui: bool = True,
     max_request_body_bytes: int | None = None,
     chat_options: ChatOptions = ChatOptions(),
+    api_server: int | None = None,
 ) -> FastAPI:
-    """The app around a started engine client (the caller owns the client's life)."""
+    """The app around a started engine client (the caller owns the client's life).
+    api_server: this process's index when it is one of several API servers."""
     app = FastAPI(title="pagedllm", version=pagedllm.__version__)
     app.state.shutdown = ShutdownState()
     app.state.client = client
-    app.state.metrics = ServerMetrics(client.info.model_name)
+    app.state.metrics = ServerMetrics(client.info.model_name, api_server)
     client.observe(app.state.metrics)
     app.state.completions = CompletionHandler(client, client.info.model_name)
     app.state.chat = ChatHandler(client, client.info.model_name, chat_options)
@@ -94,6 +121,8 @@ def build_app(
     max_body = max_request_body_bytes or default_max_body_bytes(client.info.max_model_len)
     app.add_middleware(RequestBodyLimit, max_bytes=max_body)
     app.add_middleware(DrainGate, state=app.state.shutdown)
+    if api_server is not None:
+        app.add_middleware(APIServerHeader, index=api_server)
     _add_routes(app)
     if web_ui:
         add_web_ui_routes(app)
@@ -210,14 +239,30 @@ def run_server(args: argparse.Namespace) -> None:
     engine_args = engine_args_from(args)
     if args.data_parallel_size < 1:
         raise SystemExit(f"error: --data-parallel-size must be at least 1, got {args.data_parallel_size}")
+    api_server_count = args.data_parallel_size if args.api_server_count is None else args.api_server_count
+    if api_server_count < 1:
+        raise SystemExit(f"error: --api-server-count must be at least 1, got {api_server_count}")
     chat_options = chat_options_from(args)
     sock = bind_socket(args.host, args.port)
+    if api_server_count > 1:
+        from pagedllm.entrypoints.openai.api_servers import run_api_servers
+
+        try:
+            sys.exit(run_api_servers(args, engine_args, chat_options, sock, api_server_count))
+        finally:
+            sock.close()
+    serve_until_stopped(_serve(args, engine_args, chat_options, sock), sock)
+
+
+def serve_until_stopped(serving: Coroutine[Any, Any, None], sock: socket.socket) -> None:
+    """Run `serving` (start or reach the engine, then serve on `sock`); an engine that fails to
+    start, or Ctrl-C while it loads, ends the process with a message and an exit code."""
     try:
-        asyncio.run(_serve(args, engine_args, chat_options, sock))
+        asyncio.run(serving)
     except EngineStartError as e:
         logger.error("%s", e)
         sys.exit(1)
-    except KeyboardInterrupt:  # Ctrl-C while the model loads
+    except KeyboardInterrupt:
         sys.exit(130)
     finally:
         sock.close()
@@ -228,13 +273,25 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, chat_options
         client = await DataParallelClient.start(engine_args, args.data_parallel_size)
     else:
         client = await AsyncEngineClient.start(engine_args)
+    await serve_client(args, client, chat_options, sock)
+
+
+async def serve_client(
+    args: argparse.Namespace,
+    client: AsyncEngineClient | DataParallelClient,
+    chat_options: ChatOptions,
+    sock: socket.socket,
+    api_server: int | None = None,
+) -> None:
+    """Serve the app around a ready client on a bound socket until SIGINT / SIGTERM; then
+    shut the client down. api_server: this process's index when it is one of several."""
     # uvicorn re-raises the SIGTERM it caught once it has shut down; by then stopping is
     # under way, and the default action would kill us before the engine is stopped.
     previous_sigterm = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         app = build_app(
             client, api_key=args.api_key, web_ui=args.web_ui, max_request_body_bytes=args.max_request_body_bytes,
-            chat_options=chat_options,
+            chat_options=chat_options, api_server=api_server,
         )
         config = uvicorn.Config(
             app,
@@ -242,19 +299,20 @@ async def _serve(args: argparse.Namespace, engine_args: EngineArgs, chat_options
             access_log=args.access_log,
             timeout_graceful_shutdown=FLUSH_TIMEOUT_S,
         )
-        host = f"[{args.host}]" if ":" in args.host else args.host
-        logger.info(
-            "serving %r at http://%s:%d (OpenAI API under /v1; /health, /metrics; API key %s%s)",
-            client.info.model_name, host, args.port, "required" if args.api_key else "not required",
-            f"; {args.data_parallel_size} data-parallel replicas" if args.data_parallel_size > 1 else "",
-        )
-        if args.web_ui:
-            logger.info("chat page at %s", page_url(args.host, args.port))
+        if not api_server:  # one process says where it serves
+            host = f"[{args.host}]" if ":" in args.host else args.host
+            logger.info(
+                "serving %r at http://%s:%d (OpenAI API under /v1; /health, /metrics; API key %s%s)",
+                client.info.model_name, host, args.port, "required" if args.api_key else "not required",
+                f"; {args.data_parallel_size} data-parallel replicas" if args.data_parallel_size > 1 else "",
+            )
+            if args.web_ui:
+                logger.info("chat page at %s", page_url(args.host, args.port))
         await GracefulServer(config, client, app.state.shutdown, args.shutdown_timeout).serve(sockets=[sock])
     finally:
         await client.shutdown()
         signal.signal(signal.SIGTERM, previous_sigterm)
-        logger.info("engine stopped")
+        logger.info("engine stopped" if api_server is None else f"API server {api_server} stopped")
 
 
 def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
