@@ -3,7 +3,11 @@ while `pagedllm bench serve` streams completions: where a server's ceiling comes
 
     PYTHONPATH=. .venv/bin/python scripts/serve_cpu_cost.py [DATA_PARALLEL_SIZE] [NUM_PROMPTS] [API_SERVER_COUNT]
 
-API_SERVER_COUNT defaults to the server's default (the data-parallel size).
+API_SERVER_COUNT defaults to the server's default (the data-parallel size). On the CPU the engine
+is the bottleneck, so the HTTP process is never behind; `--starve-http` gives the HTTP process
+(of one API server) nice 19, so that the engine outruns it as a GPU does (run it all on one core for that, e.g.
+`taskset -c 1 ... serve_cpu_cost.py 1 64 --starve-http`): then its cost per token is the one
+that sets a server's ceiling (several steps' tokens go out in one chunk).
 
 The model is the `tiny` random-weight Llama (dummy weights); prompts of 16 tokens, 128 out.
 Needs psutil (installed with the test and bench extras, through accelerate).
@@ -34,9 +38,11 @@ def _cpu_seconds(process: psutil.Process) -> float:
 
 
 def main() -> None:
-    size = int(sys.argv[1]) if len(sys.argv) > 1 else 1
-    num_prompts = int(sys.argv[2]) if len(sys.argv) > 2 else 64
-    api_servers = ["--api-server-count", sys.argv[3]] if len(sys.argv) > 3 else []
+    starve_http = "--starve-http" in sys.argv
+    argv = [a for a in sys.argv if a != "--starve-http"]
+    size = int(argv[1]) if len(argv) > 1 else 1
+    num_prompts = int(argv[2]) if len(argv) > 2 else 64
+    api_servers = ["--api-server-count", argv[3]] if len(argv) > 3 else []
     folder = write_config_folder("tiny", tempfile.mkdtemp())
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -57,6 +63,8 @@ def main() -> None:
             time.sleep(1)
         parent = psutil.Process(server.pid)
         processes = [parent] + parent.children(recursive=True)
+        if starve_http:
+            parent.nice(19)  # the HTTP process, with one API server
         before = {p.pid: _cpu_seconds(p) for p in processes}
         result_path = os.path.join(tempfile.mkdtemp(), "bench.json")
         subprocess.run(

@@ -8,8 +8,9 @@
                  (OutputProcessor) -> RequestStream of each request
 
 Outputs are cumulative RequestOutputs, so a stream keeps only the latest one: a slow
-reader skips ahead and loses nothing. When the core process dies, every open stream
-fails with EngineDeadError and later requests are refused with it; nothing waits forever.
+reader skips ahead, loses nothing, and sends what it skipped in one chunk. When the core
+process dies, every open stream fails with EngineDeadError and later requests are refused
+with it; nothing waits forever.
 
 A client either starts its core (`start`: one API server, which owns it) or connects to one
 that the server's parent started (`connect`, with several API servers: front end k of K).
@@ -49,6 +50,7 @@ from pagedllm.sampling_params import SamplingParams
 logger = logging.getLogger("pagedllm")
 
 _LIVENESS_POLL_MS = 500  # how often a quiet output loop checks that the core process lives
+_MAX_MESSAGES_PER_TURN = 64  # engine messages handled before the streams' readers get a turn
 
 
 class EngineDeadError(RuntimeError):
@@ -268,19 +270,22 @@ class AsyncEngineClient:
     # -- the output loop -------------------------------------------------------------------------
 
     async def _output_loop(self) -> None:
+        output = self._sockets.output
         try:
             while True:
-                if not await self._sockets.output.poll(_LIVENESS_POLL_MS):
+                if not await output.poll(_LIVENESS_POLL_MS):
                     if not self.process.is_alive():
                         raise EngineDeadError(exit_message(self.process))
                     continue
-                message = decode(await self._sockets.output.recv())
-                if isinstance(message, CoreOutputs):
-                    self._handle_outputs(message)
-                elif isinstance(message, RequestFailed):
-                    self._handle_failed(message)
-                elif isinstance(message, EngineDead):
-                    raise EngineDeadError(f"the engine core failed: {message.message}")
+                # Handle every message that has arrived before any stream's reader runs: a
+                # reader that fell behind the engine then sends the tokens of several steps in one
+                # chunk, which costs less per token the further behind it is.
+                for _ in range(_MAX_MESSAGES_PER_TURN):
+                    try:
+                        data = await output.recv(zmq.NOBLOCK)  # a finished future: no turn taken
+                    except zmq.Again:
+                        break
+                    self._handle(decode(data))
         except asyncio.CancelledError:
             raise
         except EngineDeadError as e:
@@ -289,6 +294,14 @@ class AsyncEngineClient:
         except Exception as e:
             logger.exception("the engine output loop failed")
             self._die(EngineDeadError(f"the engine output loop failed: {type(e).__name__}: {e}"))
+
+    def _handle(self, message) -> None:
+        if isinstance(message, CoreOutputs):
+            self._handle_outputs(message)
+        elif isinstance(message, RequestFailed):
+            self._handle_failed(message)
+        elif isinstance(message, EngineDead):
+            raise EngineDeadError(f"the engine core failed: {message.message}")
 
     def _handle_outputs(self, message: CoreOutputs) -> None:
         now = time.monotonic()
