@@ -29,7 +29,7 @@ import socket
 import tempfile
 
 from pagedllm.config import EngineArgs
-from pagedllm.engine.async_client import AsyncEngineClient
+from pagedllm.engine.async_client import AsyncEngineClient, EngineStartError
 from pagedllm.engine.core_handle import EngineCoreAddress, EngineCoreHandle, stop_process
 from pagedllm.engine.core_proc import exit_with_parent
 from pagedllm.engine.dp_client import DataParallelClient, describe_env, replica_envs_for
@@ -109,8 +109,13 @@ def _run_api_server(index: int, args: argparse.Namespace, chat_options: ChatOpti
 
 
 async def _serve(index: int, args: argparse.Namespace, chat_options: ChatOptions, sock: socket.socket, addresses: list[EngineCoreAddress]) -> None:
-    if len(addresses) > 1:
-        client = await DataParallelClient.connect(addresses, index)
-    else:
-        client = await AsyncEngineClient.connect(addresses[0], index)
+    try:
+        if len(addresses) > 1:
+            client = await DataParallelClient.connect(addresses, index)
+        else:
+            client = await AsyncEngineClient.connect(addresses[0], index)
+    except EngineStartError:
+        if index > 0:  # API server 0 says why, once
+            raise SystemExit(1) from None
+        raise
     await serve_client(args, client, chat_options, sock, api_server=index)
