@@ -178,9 +178,9 @@ def check_dispatch() -> bool:
     """On CUDA the layers take the kernels (unless switched off); on CPU never."""
     x = torch.zeros(2, 8, device=DEVICE)
     with fused_kernels(True):
-        on = fused.triton_ops_for(x)
+        on = fused.fused_ops_for(x)
     with fused_kernels(False):
-        off = fused.triton_ops_for(x)
+        off = fused.fused_ops_for(x)
     ok = off is None and (on is triton_ops if DEVICE == "cuda" else on is None)
     emit({"kind": "check", "kernel": "layer dispatch", "device": DEVICE, "fused_on": on is not None,
           "fused_off": off is not None, "result": "PASS" if ok else "FAIL"})

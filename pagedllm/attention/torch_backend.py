@@ -3,7 +3,9 @@
 Decodes are batched: their K/V are gathered through the block tables into a padded
 [num_decodes, max_seq_len] context and masked by length. Prefill chunks are looped
 one sequence at a time (causal with an offset: the chunk's queries sit at the end
-of the context).
+of the context). On the CPU in float32 the cache write and the decodes go through
+pagedllm's compiled kernels instead (layers/cpu_ops.py: the blocks are read in place),
+where they run; prefills stay on torch's SDPA.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from pagedllm.attention.metadata import AttentionMetadata
+from pagedllm.layers.fused import cpu_ops_for
 
 
 def write_kv_cache(
@@ -52,14 +55,20 @@ class TorchAttentionBackend:
 
     def forward(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                 sliding_window: int | None = None) -> torch.Tensor:
-        write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
+        cpu_ops = cpu_ops_for(query)
+        write = write_kv_cache if cpu_ops is None else cpu_ops.write_kv_cache
+        write(key, value, k_cache, v_cache, meta.slot_mapping)
+        nd = meta.num_decode_tokens
+        if cpu_ops is not None and nd:
+            decoded = cpu_ops.paged_decode_attention(query[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd],
+                                                     scale, sliding_window)  # fmt: skip
+        elif nd:
+            decoded = self._decode(query[:nd], k_cache, v_cache, meta, scale, self._decode_plan(meta, k_cache.shape[1], sliding_window))
         if meta.num_decodes == meta.num_seqs:  # decodes only: the whole output in one call
-            return self._decode(query, k_cache, v_cache, meta, scale, self._decode_plan(meta, k_cache.shape[1], sliding_window))
+            return decoded
         out = torch.empty_like(query)
-        if meta.num_decodes:
-            nd = meta.num_decode_tokens
-            plan = self._decode_plan(meta, k_cache.shape[1], sliding_window)
-            out[:nd] = self._decode(query[:nd], k_cache, v_cache, meta, scale, plan)
+        if nd:
+            out[:nd] = decoded
         for i in range(meta.num_decodes, meta.num_seqs):
             start, end = meta.query_start_loc_cpu[i], meta.query_start_loc_cpu[i + 1]
             out[start:end] = self._prefill(query[start:end], k_cache, v_cache, meta.block_tables[i], meta.seq_lens_cpu[i],

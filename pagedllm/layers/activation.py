@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.layers.fused import triton_ops_for
+from pagedllm.layers.fused import fused_ops_for
 
 
 class GatedActivation(nn.Module):
-    """x = [gate | up] -> act(gate) * up; on CUDA one fused kernel (layers/triton_ops.py)."""
+    """x = [gate | up] -> act(gate) * up; one fused kernel where there is one (layers/fused.py)."""
 
     kernel_name: str
 
@@ -19,7 +19,7 @@ class GatedActivation(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ops = triton_ops_for(x)
+        ops = fused_ops_for(x)
         if ops is not None:
             return getattr(ops, self.kernel_name)(x)
         gate, up = x.chunk(2, dim=-1)

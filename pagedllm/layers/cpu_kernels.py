@@ -1,5 +1,6 @@
-"""pagedllm's own CPU kernels (layers/csrc/cpu_kernels.c): integer dot products on 4- and 8-bit
-weight blocks, as GGUF defines them, for x86-64 CPUs with AVX2, FMA and F16C.
+"""pagedllm's own CPU kernels (layers/csrc/cpu_kernels.c) for x86-64 CPUs with AVX2, FMA and
+F16C: integer dot products on 4- and 8-bit weight blocks, as GGUF defines them (here), and the
+float32 elementwise work and paged attention of a decode step (layers/cpu_ops.py).
 
 The C file is compiled at first use with the system's C compiler (under a second, no build step
 at install), cached by the hash of its source and flags in ~/.cache/pagedllm/cpu_kernels, and
@@ -77,16 +78,16 @@ class Q8Blocks:
 def matmul(x: torch.Tensor, weight: Q4Blocks | Q8Blocks) -> torch.Tensor:
     """x (..., K) float32 @ weight (N, K)^T -> (..., N) float32. Only where lib() is not None."""
     n, k = weight.shape
-    shape = x.shape
-    x = x.reshape(-1, k).contiguous()
-    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    x = x if x.is_contiguous() else x.contiguous()
+    y = torch.empty(*x.shape[:-1], n)
+    rows = x.numel() // k
     if isinstance(weight, Q4Blocks):
-        status = lib().matmul_q4(weight.qs.data_ptr(), weight.dm.data_ptr(), x.data_ptr(), y.data_ptr(), x.shape[0], n, k)
+        status = lib().matmul_q4(weight.qs.data_ptr(), weight.dm.data_ptr(), x.data_ptr(), y.data_ptr(), rows, n, k)
     else:
-        status = lib().matmul_q8(weight.qs.data_ptr(), weight.d.data_ptr(), x.data_ptr(), y.data_ptr(), x.shape[0], n, k)
+        status = lib().matmul_q8(weight.qs.data_ptr(), weight.d.data_ptr(), x.data_ptr(), y.data_ptr(), rows, n, k)
     if status:
-        raise MemoryError(f"out of memory quantizing a ({x.shape[0]}, {k}) activation")
-    return y.view(*shape[:-1], n)
+        raise MemoryError(f"out of memory quantizing a ({rows}, {k}) activation")
+    return y
 
 
 @functools.cache
@@ -108,11 +109,22 @@ def load() -> ctypes.CDLL | None:
         logger.warning("CPU kernels off: compiling %s failed (%s); quantized layers use torch's kernels", _SOURCE, detail)
         return None
     library = ctypes.CDLL(path)
-    for name in ("matmul_q4", "matmul_q8"):
+    for name, (restype, argtypes) in _SIGNATURES.items():
         fn = getattr(library, name)
-        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
-        fn.restype = ctypes.c_int
+        fn.restype, fn.argtypes = restype, argtypes
     return library
+
+
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_SIGNATURES = {  # the C functions: (return type, argument types)
+    "matmul_q4": (ctypes.c_int, [_P, _P, _P, _P, _I, _I, _I]),
+    "matmul_q8": (ctypes.c_int, [_P, _P, _P, _P, _I, _I, _I]),
+    "rms_norm": (None, [_P, _I, _P, _I, _P, _F, _P, _P, _I, _I]),
+    "act_and_mul": (None, [_P, _I, _P, _I, _I, ctypes.c_int]),
+    "rotary": (None, [_P, _I, _I, _I, _I, _P, _P]),
+    "write_kv": (None, [_P, _I, _P, _I, _P, _P, _P, _I, _I]),
+    "paged_decode_attention": (ctypes.c_int, [_P, _I, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _F, _I, _P]),
+}
 
 
 def _unavailable() -> str | None:

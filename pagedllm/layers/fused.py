@@ -1,10 +1,12 @@
-"""Whether a layer's forward takes the fused Triton kernels (layers/triton_ops.py).
+"""Whether a layer's forward takes fused kernels: the Triton ones on CUDA (layers/triton_ops.py),
+pagedllm's compiled ones on the CPU in float32 (layers/cpu_ops.py); both modules offer the same
+functions (rms_norm, rotary_inplace_, silu_and_mul, gelu_tanh_and_mul).
 
-They run when the tensor is on CUDA, Triton imports and PAGEDLLM_FUSED_KERNELS is not
-"0" (the switch is for A/B measurements and for bisecting a numerical difference). The
-decision about Triton and the variable is taken once per process: a layer asks on every
-forward, and an environment lookup per call would cost more host time than the kernel
-launch saves on small models. CPU tensors always take the torch code.
+They run unless PAGEDLLM_FUSED_KERNELS is "0" (the switch is for A/B measurements and for
+bisecting a numerical difference) and where their compiler is there (Triton imports; the C
+compiler worked, layers/cpu_kernels.py). The decision is taken once per process: a layer asks
+on every forward, and an environment lookup per call would cost more host time than the kernel
+saves on small models. Other tensors (CPU bfloat16) take the torch code.
 """
 
 from __future__ import annotations
@@ -17,9 +19,14 @@ import torch
 from pagedllm import envs
 
 
-def triton_ops_for(x: torch.Tensor) -> ModuleType | None:
-    """pagedllm.layers.triton_ops if x should go through it, else None."""
-    return _triton_ops() if x.is_cuda else None
+def fused_ops_for(x: torch.Tensor) -> ModuleType | None:
+    """pagedllm.layers.triton_ops or .cpu_ops if x should go through it, else None."""
+    return _triton_ops() if x.is_cuda else cpu_ops_for(x)
+
+
+def cpu_ops_for(x: torch.Tensor) -> ModuleType | None:
+    """pagedllm.layers.cpu_ops if x is a float32 CPU tensor and the kernels run here, else None."""
+    return _cpu_ops() if x.dtype == torch.float32 and x.device.type == "cpu" else None
 
 
 @functools.cache
@@ -33,6 +40,14 @@ def _triton_ops() -> ModuleType | None:
     return triton_ops
 
 
+@functools.cache
+def _cpu_ops() -> ModuleType | None:
+    from pagedllm.layers import cpu_kernels, cpu_ops
+
+    return cpu_ops if envs.PAGEDLLM_FUSED_KERNELS and cpu_kernels.lib() is not None else None
+
+
 def reset() -> None:
     """Read PAGEDLLM_FUSED_KERNELS again (benchmarks that compare both paths in one process)."""
     _triton_ops.cache_clear()
+    _cpu_ops.cache_clear()

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedllm.layers.fused import triton_ops_for
+from pagedllm.layers.fused import fused_ops_for
 
 
 class RMSNorm(nn.Module):
@@ -28,8 +28,8 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """norm(x), or with a residual: (norm(x + residual), x + residual)."""
-        # One fused kernel on CUDA; not for a subclass whose _norm computes something else.
-        ops = triton_ops_for(x)
+        # One fused kernel (CUDA, CPU float32); not for a subclass whose _norm computes something else.
+        ops = fused_ops_for(x)
         if ops is not None and type(self)._norm is RMSNorm._norm:
             return ops.rms_norm(x, self.weight, self.eps, residual)
         if residual is None:

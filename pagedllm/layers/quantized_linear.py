@@ -97,12 +97,17 @@ class _QuantizedLinear(nn.Module):
         self.tp = tp  # set for a row-parallel layer over several ranks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = self._mm(x.reshape(-1, shape[-1]).to(self.compute_dtype)).to(x.dtype)
+        y = self._product(x)
         if self.tp is not None:
             y = self.tp.all_reduce(y)
         if self.bias is not None:
             y = y + self.bias
+        return y
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) -> x W^T (..., N), in x's dtype."""
+        shape = x.shape
+        y = self._mm(x.reshape(-1, shape[-1]).to(self.compute_dtype)).to(x.dtype)
         return y.view(*shape[:-1], y.shape[-1])
 
 
@@ -114,8 +119,8 @@ class BlockLinear(_QuantizedLinear):
         self.format = "int4" if isinstance(weight, Q4Blocks) else "int8"
         self.weight_blocks = weight
 
-    def _mm(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_kernels.matmul(x, self.weight_blocks)
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_kernels.matmul(x.float(), self.weight_blocks).to(x.dtype)  # (no-ops in float32)
 
     def dequantize(self) -> torch.Tensor:
         return self.weight_blocks.dequantize()

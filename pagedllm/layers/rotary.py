@@ -10,7 +10,7 @@ import weakref
 import torch
 from torch import nn
 
-from pagedllm.layers.fused import triton_ops_for
+from pagedllm.layers.fused import fused_ops_for
 
 
 def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -56,9 +56,9 @@ class RotaryEmbedding(nn.Module):
         self._step: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: (T, H, D), k: (T, Hkv, D), positions: (T,). On CUDA q and k are rotated in
-        place (one fused kernel) and returned; use the returned tensors either way."""
-        ops = triton_ops_for(q)
+        """q: (T, H, D), k: (T, Hkv, D), positions: (T,). With a fused kernel (CUDA, CPU float32)
+        q and k are rotated in place and returned; use the returned tensors either way."""
+        ops = fused_ops_for(q)
         if ops is not None:
             return ops.rotary_inplace_(positions, q, k, self.cos_sin)
         cos, sin = self._cos_sin(positions)  # (T, 1, D)

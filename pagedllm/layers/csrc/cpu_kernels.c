@@ -1,6 +1,12 @@
 /* CPU kernels for pagedllm (x86-64 with AVX2, FMA and F16C), compiled at first use by
- * layers/cpu_kernels.py and called through ctypes. Matrices are row-major and contiguous;
- * every K is a multiple of 32.
+ * layers/cpu_kernels.py and called through ctypes. Float32 throughout. Matrices are row-major;
+ * a row stride is given where the rows may be a view into a wider tensor (q, k and v are column
+ * slices of one qkv projection); every K of a quantized product is a multiple of 32.
+ *
+ * Two kinds: the quantized matrix products, and the elementwise work between them (RMSNorm with
+ * the residual add, rotary, gated activations, the paged KV cache write and decode attention),
+ * each one call instead of a chain of torch ops -- on a CPU, a decode step of a small model is
+ * mostly the fixed cost of those ops, not their arithmetic.
  *
  * Quantized matrix products, in the manner of GGUF's integer dot products: the activations are
  * quantized to int8 in blocks of 32 (x = d * q, per block), the weights stay in their 4- or
@@ -17,6 +23,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define QK 32
 
@@ -219,4 +226,196 @@ int matmul_q8(const int8_t *qs, const uint16_t *d, const float *x, float *y, int
     }
     free(a.q);
     return 0;
+}
+
+/* ---------------------------------------------------------------- elementwise */
+
+/* e^x for 8 floats, to ~2 ulp: x = n ln2 + r, |r| <= ln2 / 2, e^r by its Taylor series to r^7. */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504089f)), _MM_ROUND_NEAREST);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 5040);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+
+/* out = x * rsqrt(mean(x^2) + eps) * w over rows of `hidden`; with a residual, x + residual
+ * first, stored to res_out (which may be the residual itself). */
+void rms_norm(const float *x, int64_t x_stride, const float *residual, int64_t res_stride, const float *w, float eps,
+              float *out, float *res_out, int64_t rows, int64_t hidden) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * x_stride;
+        float *o = out + r * hidden;
+        float *s = residual ? res_out + r * hidden : NULL;
+        __m256 sq = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 8 <= hidden; i += 8) {
+            __m256 v = _mm256_loadu_ps(xr + i);
+            if (residual) {
+                v = _mm256_add_ps(v, _mm256_loadu_ps(residual + r * res_stride + i));
+                _mm256_storeu_ps(s + i, v);
+            }
+            sq = _mm256_fmadd_ps(v, v, sq);
+        }
+        float total = hsum(sq);
+        for (; i < hidden; i++) {
+            const float v = residual ? (s[i] = xr[i] + residual[r * res_stride + i]) : xr[i];
+            total += v * v;
+        }
+        const float *src = residual ? s : xr;
+        const float inv = 1.0f / sqrtf(total / (float)hidden + eps);
+        const __m256 scale = _mm256_set1_ps(inv);
+        for (i = 0; i + 8 <= hidden; i += 8) {
+            const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(src + i), scale);
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(v, _mm256_loadu_ps(w + i)));
+        }
+        for (; i < hidden; i++) o[i] = src[i] * inv * w[i];
+    }
+}
+
+/* act 0: silu(v) = v / (1 + e^-v); act 1: gelu, tanh approximation: v / 2 (1 + tanh(y)) =
+ * v / (1 + e^-2y), y = sqrt(2 / pi) (v + 0.044715 v^3). */
+static inline __m256 act8(__m256 v, int act) {
+    __m256 e;
+    if (act == 0) {
+        e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), v));
+    } else {
+        const __m256 y = _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), _mm256_mul_ps(_mm256_mul_ps(v, v), v), v);
+        e = exp8(_mm256_mul_ps(_mm256_set1_ps(-2.0f * 0.7978845608f), y));
+    }
+    return _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+}
+
+/* x = [gate | up] (rows, 2 width), rows x_stride apart -> out (rows, width) = act(gate) * up. */
+void act_and_mul(const float *x, int64_t x_stride, float *out, int64_t rows, int64_t width, int act) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = x + r * x_stride, *u = g + width;
+        float *o = out + r * width;
+        int64_t i = 0;
+        for (; i + 8 <= width; i += 8) {
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(act8(_mm256_loadu_ps(g + i), act), _mm256_loadu_ps(u + i)));
+        }
+        if (i < width) { /* the tail, through a zero-padded vector */
+            float gt[8] = {0}, at[8];
+            memcpy(gt, g + i, (width - i) * sizeof(float));
+            _mm256_storeu_ps(at, act8(_mm256_loadu_ps(gt), act));
+            for (int64_t j = i; j < width; j++) o[j] = at[j - i] * u[j];
+        }
+    }
+}
+
+/* Rotate x (tokens, heads, dim) in place ("rotate half": [x1 | x2] -> [x1 c - x2 s | x2 c + x1 s]),
+ * token t by row positions[t] of cos_sin (max_position, dim) = [cos | sin]. Heads are dim apart
+ * inside a token's row; rows are x_stride apart. */
+void rotary(float *x, int64_t x_stride, int64_t tokens, int64_t heads, int64_t dim, const int64_t *positions,
+            const float *cos_sin) {
+    const int64_t half = dim / 2;
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *c = cos_sin + positions[t] * dim, *sn = c + half;
+        for (int64_t h = 0; h < heads; h++) {
+            float *x1 = x + t * x_stride + h * dim, *x2 = x1 + half;
+            int64_t i = 0;
+            for (; i + 8 <= half; i += 8) {
+                const __m256 a = _mm256_loadu_ps(x1 + i), b = _mm256_loadu_ps(x2 + i);
+                const __m256 cv = _mm256_loadu_ps(c + i), sv = _mm256_loadu_ps(sn + i);
+                _mm256_storeu_ps(x1 + i, _mm256_sub_ps(_mm256_mul_ps(a, cv), _mm256_mul_ps(b, sv)));
+                _mm256_storeu_ps(x2 + i, _mm256_add_ps(_mm256_mul_ps(b, cv), _mm256_mul_ps(a, sv)));
+            }
+            for (; i < half; i++) {
+                const float a = x1[i], b = x2[i];
+                x1[i] = a * c[i] - b * sn[i];
+                x2[i] = b * c[i] + a * sn[i];
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- paged KV cache */
+
+/* Token t's key and value rows (row floats each, rows k_stride / v_stride apart) to cache slot
+ * slots[t] of k_cache / v_cache (num_slots, row); a slot of -1 (padding) is skipped. */
+void write_kv(const float *k, int64_t k_stride, const float *v, int64_t v_stride, float *k_cache, float *v_cache,
+              const int64_t *slots, int64_t tokens, int64_t row) {
+    for (int64_t t = 0; t < tokens; t++) {
+        if (slots[t] < 0) continue;
+        memcpy(k_cache + slots[t] * row, k + t * k_stride, row * sizeof(float));
+        memcpy(v_cache + slots[t] * row, v + t * v_stride, row * sizeof(float));
+    }
+}
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float total = hsum(acc);
+    for (; i < n; i++) total += a[i] * b[i];
+    return total;
+}
+
+/* o += p * v over n floats. */
+static inline void axpy(float *o, float p, const float *v, int64_t n) {
+    const __m256 pv = _mm256_set1_ps(p);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + i), _mm256_loadu_ps(o + i)));
+    for (; i < n; i++) o[i] += p * v[i];
+}
+
+/* One new token per sequence: out[b, h] = softmax(scale q[b, h] . K) V over the sequence's first
+ * seq_lens[b] cached tokens (the last `window` of them if window > 0), read in place from the
+ * blocks of block_tables[b]. q (B, H, dim) rows q_stride apart per sequence; caches
+ * (num_blocks, block_size, kv_heads, dim); out (B, H, dim) contiguous. A kv head's keys and values
+ * are read once for all the query heads that share it. Returns 0, or -1 if out of memory. */
+int paged_decode_attention(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
+                           const int32_t *block_tables, int64_t table_stride, const int32_t *seq_lens, int64_t B,
+                           int64_t H, int64_t kv_heads, int64_t dim, int64_t block_size, float scale, int64_t window,
+                           float *out) {
+    const int64_t group = H / kv_heads;
+    int64_t longest = 0, work = 0;
+    for (int64_t b = 0; b < B; b++) {
+        longest = seq_lens[b] > longest ? seq_lens[b] : longest;
+        work += seq_lens[b];
+    }
+    int failed = 0;
+#pragma omp parallel if (work * H * dim >= 1 << 18)
+    {
+        float *scores = malloc(group * longest * sizeof(float));
+        if (scores == NULL) failed = 1;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < B * kv_heads; task++) {
+            if (scores == NULL) continue;
+            const int64_t b = task / kv_heads, g = task % kv_heads, len = seq_lens[b];
+            const int64_t start = window > 0 && len > window ? len - window : 0, n = len - start;
+            const int32_t *table = block_tables + b * table_stride;
+            const float *qg = q + b * q_stride + g * group * dim;
+            for (int64_t t = start; t < len; t++) {
+                const int64_t slot = (int64_t)table[t / block_size] * block_size + t % block_size;
+                const float *k = k_cache + (slot * kv_heads + g) * dim;
+                for (int64_t h = 0; h < group; h++) scores[h * n + t - start] = scale * dot(qg + h * dim, k, dim);
+            }
+            for (int64_t h = 0; h < group; h++) {
+                float *sc = scores + h * n, top = sc[0], total = 0.0f;
+                for (int64_t i = 1; i < n; i++) top = sc[i] > top ? sc[i] : top;
+                for (int64_t i = 0; i < n; i++) total += (sc[i] = expf(sc[i] - top));
+                for (int64_t i = 0; i < n; i++) sc[i] /= total;
+            }
+            float *og = out + (b * H + g * group) * dim;
+            memset(og, 0, group * dim * sizeof(float));
+            for (int64_t t = start; t < len; t++) {
+                const int64_t slot = (int64_t)table[t / block_size] * block_size + t % block_size;
+                const float *v = v_cache + (slot * kv_heads + g) * dim;
+                for (int64_t h = 0; h < group; h++) axpy(og + h * dim, scores[h * n + t - start], v, dim);
+            }
+        }
+        free(scores);
+    }
+    return failed ? -1 : 0;
 }

@@ -1,0 +1,111 @@
+"""The fused CPU kernels for the work between the matrix products (float32): what
+layers/triton_ops.py is on CUDA, with the same functions, so a layer asks `fused_ops_for(x)`
+(layers/fused.py) and calls either. The C code is layers/csrc/cpu_kernels.c.
+
+    rms_norm            x [+ residual] -> norm(x + residual) * weight, and x + residual
+                        torch: add, rms_norm (pow, mean, add, rsqrt, mul, mul)
+    rotary_inplace_     q, k rotated in place by the cos/sin rows of their positions
+                        torch: index_select, chunk, cat, 2 mul, add, cat, float, to  (x2)
+    silu_and_mul        [gate | up] -> silu(gate) * up          torch: chunk, silu, mul
+    gelu_tanh_and_mul   [gate | up] -> gelu_tanh(gate) * up     torch: chunk, gelu, mul
+
+and for the torch attention backend on CPU: the paged KV cache write and decode attention
+reading the cache blocks in place (torch gathers them into a padded copy first).
+
+Each is one call where torch takes several, each of which costs 5-30 µs on a small CPU
+whatever its size: at batch 1 that fixed cost, not arithmetic, is most of a decode step.
+Results agree with the torch code to float32 rounding (other summation orders, fused
+multiply-adds, e^x to ~2 ulp), not bit for bit. Rows may be views into a wider tensor (q, k, v
+sliced out of one qkv projection) as long as the last dimension is contiguous.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pagedllm.layers.cpu_kernels import lib
+
+
+def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """t as a 2-D tensor of rows of its last dimension with that dimension contiguous (a view
+    where one does, else a copy), and its row stride."""
+    if t.dim() != 2:
+        t = t.reshape(-1, t.shape[-1])
+    if t.stride(1) != 1:
+        t = t.contiguous()
+    return t, t.stride(0)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """norm(x) * weight, or with a residual (norm(x + residual) * weight, x + residual)."""
+    rows, x_stride = _rows(x)
+    out = torch.empty(x.shape, dtype=x.dtype)
+    if residual is None:
+        lib().rms_norm(rows.data_ptr(), x_stride, None, 0, weight.data_ptr(), eps, out.data_ptr(), None, *rows.shape)
+        return out
+    res_rows, res_stride = _rows(residual)
+    res_out = torch.empty(x.shape, dtype=x.dtype)
+    lib().rms_norm(rows.data_ptr(), x_stride, res_rows.data_ptr(), res_stride, weight.data_ptr(), eps, out.data_ptr(),
+                   res_out.data_ptr(), *rows.shape)  # fmt: skip
+    return out, res_out
+
+
+def _heads(x: torch.Tensor) -> int:
+    """The token stride of x (T, H, D), whose heads must lie D apart with D contiguous."""
+    if x.stride(2) != 1 or x.stride(1) != x.shape[2]:
+        raise ValueError(f"heads of a tensor with strides {x.stride()}: each token's heads must be contiguous")
+    return x.stride(0)
+
+
+def rotary_inplace_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                    cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Rotate q (T, H, D) and k (T, Hkv, D) in place; returns them. cos_sin: (max_position, D) =
+    [cos | sin], float32."""
+    positions = positions if positions.dtype == torch.int64 else positions.long()
+    for x in (q, k):
+        lib().rotary(x.data_ptr(), _heads(x), x.shape[0], x.shape[1], x.shape[2], positions.data_ptr(), cos_sin.data_ptr())
+    return q, k
+
+
+def _act_and_mul(x: torch.Tensor, act: int) -> torch.Tensor:
+    width = x.shape[-1] // 2
+    rows, stride = _rows(x)
+    out = torch.empty(*x.shape[:-1], width, dtype=x.dtype)
+    lib().act_and_mul(rows.data_ptr(), stride, out.data_ptr(), rows.shape[0], width, act)
+    return out
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x = [gate | up] (..., 2I) -> silu(gate) * up (..., I)."""
+    return _act_and_mul(x, 0)
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x = [gate | up] (..., 2I) -> gelu(gate, approximate="tanh") * up (..., I)."""
+    return _act_and_mul(x, 1)
+
+
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:  # fmt: skip
+    """key, value (T, Hkv, D) to their slots of the (num_blocks, block_size, Hkv, D) caches."""
+    lib().write_kv(key.data_ptr(), _heads(key), value.data_ptr(), _heads(value), k_cache.data_ptr(), v_cache.data_ptr(),
+                   slot_mapping.data_ptr(), key.shape[0], key.shape[1] * key.shape[2])  # fmt: skip
+
+
+def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, scale: float, sliding_window: int | None = None) -> torch.Tensor:  # fmt: skip
+    """query (B, H, D), one token per sequence -> (B, H, D): attention over each sequence's first
+    seq_lens[b] cached tokens (the last sliding_window of them), read through block_tables (B, n)."""
+    batch, heads, dim = query.shape
+    out = torch.empty(batch, heads, dim, dtype=query.dtype)
+    tables = block_tables.to(torch.int32)
+    tables = tables if tables.stride(-1) == 1 else tables.contiguous()
+    lens = seq_lens.to(torch.int32).contiguous()
+    status = lib().paged_decode_attention(
+        query.data_ptr(), _heads(query), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.stride(0),
+        lens.data_ptr(), batch, heads, k_cache.shape[2], dim, k_cache.shape[1], scale, sliding_window or 0, out.data_ptr(),
+    )
+    if status:
+        raise MemoryError("out of memory for attention scores")
+    return out

@@ -1,0 +1,192 @@
+"""The fused kernels against the torch code of the layers they stand in for: the Triton ones
+(layers/triton_ops.py) on CPU through Triton's interpreter (TRITON_INTERPRET=1, set before
+triton is imported; scripts/gpu_kernels.py runs the same comparisons on the GPU), and
+pagedllm's compiled CPU ones (layers/cpu_ops.py, float32), with the paged KV cache write and
+decode attention against the torch attention backend.
+
+The reference is the layer's own torch path (PAGEDLLM_FUSED_KERNELS=0 here, so layers never
+take a kernel), so a change to either side that breaks their agreement fails here. Hidden
+sizes include non-powers of two (576: SmolLM2; 96 and 80: padded head dims) and sizes that
+leave a tail after the 8-wide vectors of the CPU kernels (1000, 1100, 100).
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import pytest
+import torch
+
+from pagedllm.attention.metadata import AttentionMetadata  # noqa: E402
+from pagedllm.attention.torch_backend import TorchAttentionBackend  # noqa: E402
+from pagedllm.layers import cpu_kernels, cpu_ops, fused  # noqa: E402
+from pagedllm.layers.activation import GeluAndMul, SiluAndMul  # noqa: E402
+from pagedllm.layers.norm import RMSNorm  # noqa: E402
+from pagedllm.layers.rotary import RotaryEmbedding  # noqa: E402
+
+# Half precision is checked with fp16 here: the interpreter converts fp32 to bf16 by
+# truncation, not round-to-nearest as the GPU and torch do (scripts/gpu_kernels.py checks
+# bf16 on the GPU). Results are rounded where the torch code rounds; they may still differ
+# by an ulp where an fp32 sum runs in another order.
+TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=4e-3, rtol=2e-3)}
+DTYPES = [torch.float32, torch.float16]
+
+
+def _triton_ops():
+    pytest.importorskip("triton")
+    from pagedllm.layers import triton_ops
+
+    return triton_ops
+
+
+def _cpu_ops():
+    if cpu_kernels.lib() is None:
+        pytest.skip("pagedllm's CPU kernels do not run here")
+    return cpu_ops
+
+
+@pytest.fixture(params=["triton", "cpu"])
+def ops(request, dtype):
+    if request.param == "cpu" and dtype != torch.float32:
+        pytest.skip("the CPU kernels are float32")
+    return _triton_ops() if request.param == "triton" else _cpu_ops()
+
+
+@pytest.fixture(autouse=True)
+def layers_on_torch(monkeypatch):
+    """The layers (the reference) take their torch code; the kernels are called directly."""
+    monkeypatch.setenv("PAGEDLLM_FUSED_KERNELS", "0")
+    fused.reset()
+    yield
+    monkeypatch.undo()
+    fused.reset()
+
+
+def randn(*shape, dtype, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [64, 576, 1000])
+def test_rms_norm_with_and_without_residual(ops, dtype, hidden):
+    norm = RMSNorm(hidden, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(randn(hidden, dtype=dtype, seed=1) + 1)
+    x, residual = randn(7, hidden, dtype=dtype, seed=2), randn(7, hidden, dtype=dtype, seed=3) * 4
+    x_before, residual_before = x.clone(), residual.clone()
+
+    torch.testing.assert_close(ops.rms_norm(x, norm.weight, norm.eps), norm(x), **TOLERANCE[dtype])
+    got, got_residual = ops.rms_norm(x, norm.weight, norm.eps, residual)
+    want, want_residual = norm(x, residual)
+    torch.testing.assert_close(got, want, **TOLERANCE[dtype])
+    assert torch.equal(got_residual, want_residual), "the residual sum is one rounding of x + residual"
+    assert torch.equal(x, x_before) and torch.equal(residual, residual_before), "inputs are left as they are"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_over_heads_of_a_strided_slice(ops, dtype):
+    """Qwen3's q_norm: (T, H, D) heads sliced out of a fused qkv output, not contiguous."""
+    T, H, D = 5, 3, 128
+    qkv = randn(T, H * D + 2 * D, dtype=dtype)
+    q = qkv[:, : H * D].reshape(T, H, D)
+    assert not q.is_contiguous()
+    norm = RMSNorm(D, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(randn(D, dtype=dtype, seed=4))
+    torch.testing.assert_close(ops.rms_norm(q, norm.weight, norm.eps), norm(q), **TOLERANCE[dtype])
+
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim, num_heads, num_kv_heads, scaling", [
+    (64, 9, 3, None),  # SmolLM2's heads
+    (128, 8, 2, LLAMA3_SCALING),  # Llama 3 frequencies
+    (96, 4, 4, {"rope_type": "linear", "factor": 2.0}),  # half 48: padded to 64
+])
+def test_rotary_in_place_on_qkv_views(ops, dtype, head_dim, num_heads, num_kv_heads, scaling):
+    rotary = RotaryEmbedding(head_dim, 512, 10000.0, scaling)
+    T = 6
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    qkv = randn(T, q_size + 2 * kv_size, dtype=dtype)
+    positions = torch.tensor([0, 1, 17, 200, 511, 3])
+    q = qkv[:, :q_size].view(T, num_heads, head_dim)
+    k = qkv[:, q_size: q_size + kv_size].view(T, num_kv_heads, head_dim)
+    v_before = qkv[:, q_size + kv_size:].clone()
+    want_q, want_k = rotary(positions, q.clone(), k.clone())
+
+    got_q, got_k = ops.rotary_inplace_(positions, q, k, rotary.cos_sin)
+    assert got_q.data_ptr() == q.data_ptr() and got_k.data_ptr() == k.data_ptr(), "rotated in place"
+    torch.testing.assert_close(q, want_q, **TOLERANCE[dtype])
+    torch.testing.assert_close(k, want_k, **TOLERANCE[dtype])
+    assert torch.equal(qkv[:, q_size + kv_size:], v_before), "v, beside k in the same buffer, is untouched"
+
+
+# sigmoid(g) = 1 / (1 + exp(-g)) overflows to 1 / inf = 0 for very negative g, as intended
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", [64, 1536, 1100])  # 1536: SmolLM2's ffn (two column blocks); 1100: masked
+@pytest.mark.parametrize("layer, kernel", [(SiluAndMul, "silu_and_mul"), (GeluAndMul, "gelu_tanh_and_mul")])
+def test_gated_activations(ops, dtype, width, layer, kernel):
+    x = randn(5, 2 * width, dtype=dtype) * 3
+    x[0, :8] = torch.tensor([-100.0, -30.0, -10.0, 0.0, 10.0, 30.0, 60.0, 100.0])  # the ends of e^x
+    torch.testing.assert_close(getattr(ops, kernel)(x), layer()(x), **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32])
+def test_empty_batches(ops):
+    """A step can have zero tokens on a rank's path: no launch, right shapes."""
+    assert ops.silu_and_mul(torch.empty(0, 8)).shape == (0, 4)
+    out, res = ops.rms_norm(torch.empty(0, 16), torch.ones(16), 1e-6, torch.empty(0, 16))
+    assert out.shape == res.shape == (0, 16)
+    q, k = torch.empty(0, 2, 8), torch.empty(0, 1, 8)
+    ops.rotary_inplace_(torch.empty(0, dtype=torch.long), q, k, torch.zeros(4, 8))
+
+
+def _decode_metadata(block_tables: torch.Tensor, seq_lens: list[int]) -> AttentionMetadata:
+    """A step of one new token per sequence, written at the last position of each."""
+    block_size = 16
+    slots = [int(block_tables[b, (n - 1) // block_size]) * block_size + (n - 1) % block_size for b, n in enumerate(seq_lens)]
+    batch = len(seq_lens)
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots), query_start_loc=torch.arange(batch + 1, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32), block_tables=block_tables, num_decodes=batch,
+        num_decode_tokens=batch, max_query_len=1, max_seq_len=max(seq_lens),
+        query_start_loc_cpu=list(range(batch + 1)), seq_lens_cpu=seq_lens,
+    )
+
+
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(9, 3, 64), (4, 4, 100), (8, 1, 128)])
+@pytest.mark.parametrize("sliding_window", [None, 20])
+def test_cpu_paged_decode_attention(num_heads, num_kv_heads, head_dim, sliding_window):
+    """The CPU kernels' cache write and decode attention (blocks read in place) against the torch
+    backend's (gathered, padded, masked): GQA groups, a head dim with a tail, contexts of several
+    lengths over scattered blocks, a sliding window, and v a strided view of a qkv output."""
+    ops = _cpu_ops()
+    lens = [1, 37, 90, 16]
+    tables = torch.randperm(40, generator=torch.Generator().manual_seed(5))[:24].int().view(4, 6)
+    meta = _decode_metadata(tables, lens)
+    k_cache = randn(40, 16, num_kv_heads, head_dim, dtype=torch.float32, seed=6)
+    v_cache = randn(40, 16, num_kv_heads, head_dim, dtype=torch.float32, seed=7)
+    query = randn(4, num_heads, head_dim, dtype=torch.float32, seed=8)
+    kv = randn(4, 3 * num_kv_heads * head_dim, dtype=torch.float32, seed=9)  # [k | v | other]
+    key = kv[:, : num_kv_heads * head_dim].view(4, num_kv_heads, head_dim)
+    value = kv[:, num_kv_heads * head_dim : 2 * num_kv_heads * head_dim].view(4, num_kv_heads, head_dim)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    want = TorchAttentionBackend().forward(query, key, value, want_k, want_v, meta, head_dim**-0.5, sliding_window)
+    got_k, got_v = k_cache.clone(), v_cache.clone()
+    ops.write_kv_cache(key, value, got_k, got_v, meta.slot_mapping)
+    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+    got = ops.paged_decode_attention(query, got_k, got_v, tables, meta.seq_lens, head_dim**-0.5, sliding_window)
+    torch.testing.assert_close(got, want, **TOLERANCE[torch.float32])
+
+
+def test_cpu_cache_write_skips_padding_slots():
+    ops = _cpu_ops()
+    k_cache, v_cache = torch.zeros(2, 16, 1, 8), torch.zeros(2, 16, 1, 8)
+    key, value = torch.ones(2, 1, 8), torch.full((2, 1, 8), 2.0)
+    ops.write_kv_cache(key, value, k_cache, v_cache, torch.tensor([17, -1]))
+    assert k_cache.view(-1, 8)[17].eq(1).all() and v_cache.view(-1, 8)[17].eq(2).all()
+    assert k_cache.sum() == 8 and v_cache.sum() == 16, "the padding token wrote nothing"
