@@ -184,3 +184,29 @@ def test_gguf_quantized_greedy_matches_hf(hf_model, caplog):
     for output in outputs:
         hf_tokens, hf_logprobs = hf_greedy(hf_model, output.prompt_token_ids, 8)
         check_logprobs_close(output.outputs[0], hf_tokens, hf_logprobs, atol=atol)
+
+
+@needs_our_kernels
+def test_llama_decode_step_in_one_call_gives_the_layers_outputs():
+    """Decode-only steps of a Q4 Llama run every layer in one C call (models/llama_cpu_decode.py):
+    the same kernels in the same order as the layers' forward, so the same tokens and logprobs,
+    bit for bit, over a batch of sequences of different lengths (prefills take the layers)."""
+    llm = LLM(dtype="float32", quantization="gguf", kv_cache_memory="64MiB", max_model_len=512)
+    model = llm.engine.core.runner.model.model
+    prompts = ["The capital of France is", "def fibonacci(n):\n    ", "List three colors:" * 5]
+    params = SamplingParams(temperature=0, max_tokens=12, logprobs=3, ignore_eos=True)
+    fused = llm.generate(prompts, params, use_tqdm=False)
+    assert type(model._cpu_decode).__name__ == "CpuDecodeLayers"
+    model._cpu_decode = False  # the layers one by one
+    layered = llm.generate(prompts, params, use_tqdm=False)
+    for a, b in zip(fused, layered):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert [{t: p.logprob for t, p in step.items()} for step in a.outputs[0].logprobs] == [
+            {t: p.logprob for t, p in step.items()} for step in b.outputs[0].logprobs
+        ]
+
+
+def test_llama_decode_step_stays_layered_where_it_does_not_fit(llm):
+    """A dense float32 model (the session's `llm`) keeps its layers: the C step needs Q4 products."""
+    llm.generate(["Hello"], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert llm.engine.core.runner.model.model._cpu_decode is False

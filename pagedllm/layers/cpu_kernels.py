@@ -124,7 +124,17 @@ _SIGNATURES = {  # the C functions: (return type, argument types)
     "rotary": (None, [_P, _I, _I, _I, _I, _P, _P]),
     "write_kv": (None, [_P, _I, _P, _I, _P, _P, _P, _I, _I]),
     "paged_decode_attention": (ctypes.c_int, [_P, _I, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _F, _I, _P]),
+    "decode_layers": (ctypes.c_int, [_P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _F, _P, _P, _P, _P, _I, _P, _I, _F]),
 }
+
+
+class DecoderLayer(ctypes.Structure):
+    """decode_layers' view of one Llama decoder layer (pointers into its tensors)."""
+
+    _fields_ = [(name, _P) for name in (
+        "input_norm", "post_norm", "qkv_qs", "o_qs", "gate_up_qs", "down_qs", "qkv_dm", "o_dm", "gate_up_dm",
+        "down_dm", "k_cache", "v_cache",
+    )]  # fmt: skip
 
 
 def _unavailable() -> str | None:

@@ -20,6 +20,7 @@ from pagedllm.layers.attention import PagedAttention
 from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.rotary import get_rotary_embedding, rope_parameters
+from pagedllm.models.llama_cpu_decode import CpuDecodeLayers
 from pagedllm.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
 from pagedllm.models.weights import load_stacked_weights
 
@@ -98,11 +99,17 @@ class LlamaModel(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, attention_class) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self._cpu_decode: CpuDecodeLayers | bool | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None  # (T, hidden)
-        for layer in self.layers:
-            x, residual = layer(positions, x, residual, meta)
+        if self._cpu_decode is None:  # decided at the first step: whether the layers fit (llama_cpu_decode.py)
+            self._cpu_decode = CpuDecodeLayers.build(self.layers, x) or False
+        if self._cpu_decode and meta.num_decodes == meta.num_seqs:
+            x, residual = self._cpu_decode(positions, x, meta)
+        else:
+            for layer in self.layers:
+                x, residual = layer(positions, x, residual, meta)
         x, _ = self.norm(x, residual)
         return x
 

@@ -419,3 +419,47 @@ int paged_decode_attention(const float *q, int64_t q_stride, const float *k_cach
     }
     return failed ? -1 : 0;
 }
+
+/* ---------------------------------------------------------------- a Llama decode step */
+
+/* One decoder layer's weights and cache: the four products as q4 blocks (qs, dm), the two norms. */
+typedef struct {
+    const float *input_norm, *post_norm;
+    const uint8_t *qkv_qs, *o_qs, *gate_up_qs, *down_qs;
+    const uint16_t *qkv_dm, *o_dm, *gate_up_dm, *down_dm;
+    float *k_cache, *v_cache;
+} DecoderLayer;
+
+/* Every decoder layer of a Llama-shaped model (RMSNorm, q/k/v with rotary, GQA attention on the
+ * paged cache, o; RMSNorm, SiLU-gated MLP) for a step of one new token per sequence, in one call
+ * instead of a few hundred Python-level ones -- the same kernels in the same order as the layers'
+ * own forward on this path, so the same numbers. x (B, hidden): the embeddings in, the last
+ * layer's output out; residual (B, hidden): zeros in (the first layer's residual is x), the
+ * running residual out. Returns 0, or -1 if out of memory. */
+int decode_layers(const DecoderLayer *layers, int64_t num_layers, float *x, float *residual, int64_t B, int64_t hidden,
+                  int64_t heads, int64_t kv_heads, int64_t dim, int64_t inter, float eps, const int64_t *positions,
+                  const float *cos_sin, const int64_t *slots, const int32_t *block_tables, int64_t table_stride,
+                  const int32_t *seq_lens, int64_t block_size, float scale) {
+    const int64_t width = (heads + 2 * kv_heads) * dim;  /* a token's q | k | v */
+    float *h = malloc(B * (hidden + width + heads * dim + 3 * inter) * sizeof(float));
+    if (h == NULL) return -1;
+    float *qkv = h + B * hidden, *attn = qkv + B * width, *gate_up = attn + B * heads * dim, *act = gate_up + 2 * B * inter;
+    int status = 0;
+    for (int64_t l = 0; l < num_layers && status == 0; l++) {
+        const DecoderLayer *L = layers + l;
+        rms_norm(x, hidden, residual, hidden, L->input_norm, eps, h, residual, B, hidden);
+        status |= matmul_q4(L->qkv_qs, L->qkv_dm, h, qkv, B, width, hidden);
+        rotary(qkv, width, B, heads + kv_heads, dim, positions, cos_sin);
+        write_kv(qkv + heads * dim, width, qkv + (heads + kv_heads) * dim, width, L->k_cache, L->v_cache, slots, B,
+                 kv_heads * dim);
+        status |= paged_decode_attention(qkv, width, L->k_cache, L->v_cache, block_tables, table_stride, seq_lens, B,
+                                         heads, kv_heads, dim, block_size, scale, 0, attn);
+        status |= matmul_q4(L->o_qs, L->o_dm, attn, x, B, hidden, heads * dim);
+        rms_norm(x, hidden, residual, hidden, L->post_norm, eps, h, residual, B, hidden);
+        status |= matmul_q4(L->gate_up_qs, L->gate_up_dm, h, gate_up, B, 2 * inter, hidden);
+        act_and_mul(gate_up, 2 * inter, act, B, inter, 0);
+        status |= matmul_q4(L->down_qs, L->down_dm, act, x, B, hidden, inter);
+    }
+    free(h);
+    return status ? -1 : 0;
+}
