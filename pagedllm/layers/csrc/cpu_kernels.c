@@ -173,9 +173,10 @@ static int quantize_rows(const float *x, int64_t M, int64_t K, Q8 *out) {
     return 0;
 }
 
-/* y (M, N) = x (M, K) W^T with W (N, K) as q4 blocks: qs (N, K/32, 16) bytes, dm (N, K/32, 2)
- * fp16 [d, m]. Returns 0, or -1 if out of memory. */
-int matmul_q4(const uint8_t *qs, const uint16_t *dm, const float *x, float *y, int64_t M, int64_t N, int64_t K) {
+/* y (M, N) = x (M, K) W^T, W in q4 or q8 blocks (see below); bits 4 or 8 (a constant at each
+ * call, so the compiler keeps one loop per kind). Returns 0, or -1 if out of memory. */
+static inline int matmul_blocks(int bits, const void *qs, const uint16_t *scales, const float *x, float *y, int64_t M,
+                                int64_t N, int64_t K) {
     const int64_t nb = K / QK;
     const int64_t tiles = (N + ROW_TILE - 1) / ROW_TILE;
     Q8 a;
@@ -187,13 +188,20 @@ int matmul_q4(const uint8_t *qs, const uint16_t *dm, const float *x, float *y, i
         for (; m + 4 <= M; m += 4) {
             for (int64_t n = t * ROW_TILE; n < end; n++) {
                 float out[4];
-                row_q4_x4(qs + n * nb * 16, dm + n * nb * 2, a.q + m * K, a.d + m * nb, a.s + m * nb, nb, K, out);
+                if (bits == 4) {
+                    row_q4_x4((const uint8_t *)qs + n * nb * 16, scales + n * nb * 2, a.q + m * K, a.d + m * nb,
+                              a.s + m * nb, nb, K, out);
+                } else {
+                    row_q8_x4((const int8_t *)qs + n * K, scales + n * nb, a.q + m * K, a.d + m * nb, nb, K, out);
+                }
                 for (int i = 0; i < 4; i++) y[(m + i) * N + n] = out[i];
             }
         }
         for (; m < M; m++) {
             for (int64_t n = t * ROW_TILE; n < end; n++) {
-                y[m * N + n] = row_q4(qs + n * nb * 16, dm + n * nb * 2, a.q + m * K, a.d + m * nb, a.s + m * nb, nb);
+                y[m * N + n] = bits == 4 ? row_q4((const uint8_t *)qs + n * nb * 16, scales + n * nb * 2, a.q + m * K,
+                                                  a.d + m * nb, a.s + m * nb, nb)
+                                         : row_q8((const int8_t *)qs + n * K, scales + n * nb, a.q + m * K, a.d + m * nb, nb);
             }
         }
     }
@@ -201,31 +209,14 @@ int matmul_q4(const uint8_t *qs, const uint16_t *dm, const float *x, float *y, i
     return 0;
 }
 
-/* y (M, N) = x (M, K) W^T with W (N, K) as q8 blocks: qs (N, K) int8, d (N, K/32) fp16. */
+/* W (N, K) as q4 blocks: qs (N, K/32, 16) bytes, dm (N, K/32, 2) fp16 [d, m]. */
+int matmul_q4(const uint8_t *qs, const uint16_t *dm, const float *x, float *y, int64_t M, int64_t N, int64_t K) {
+    return matmul_blocks(4, qs, dm, x, y, M, N, K);
+}
+
+/* W (N, K) as q8 blocks: qs (N, K) int8, d (N, K/32) fp16. */
 int matmul_q8(const int8_t *qs, const uint16_t *d, const float *x, float *y, int64_t M, int64_t N, int64_t K) {
-    const int64_t nb = K / QK;
-    const int64_t tiles = (N + ROW_TILE - 1) / ROW_TILE;
-    Q8 a;
-    if (quantize_rows(x, M, K, &a)) return -1;
-#pragma omp parallel for schedule(static) if (M * N * nb >= PARALLEL_MIN_BLOCKS)
-    for (int64_t t = 0; t < tiles; t++) {
-        const int64_t end = (t + 1) * ROW_TILE < N ? (t + 1) * ROW_TILE : N;
-        int64_t m = 0;
-        for (; m + 4 <= M; m += 4) {
-            for (int64_t n = t * ROW_TILE; n < end; n++) {
-                float out[4];
-                row_q8_x4(qs + n * K, d + n * nb, a.q + m * K, a.d + m * nb, nb, K, out);
-                for (int i = 0; i < 4; i++) y[(m + i) * N + n] = out[i];
-            }
-        }
-        for (; m < M; m++) {
-            for (int64_t n = t * ROW_TILE; n < end; n++) {
-                y[m * N + n] = row_q8(qs + n * K, d + n * nb, a.q + m * K, a.d + m * nb, nb);
-            }
-        }
-    }
-    free(a.q);
-    return 0;
+    return matmul_blocks(8, qs, d, x, y, M, N, K);
 }
 
 /* ---------------------------------------------------------------- elementwise */
