@@ -175,13 +175,17 @@ def check_elementwise(model: str, s: dict, dtype, num_tokens: int) -> bool:
 
 
 def check_dispatch() -> bool:
-    """On CUDA the layers take the kernels (unless switched off); on CPU never."""
+    """On CUDA the layers take the Triton kernels (unless switched off); on the CPU never those:
+    float32 takes pagedllm's C kernels where they run (layers/cpu_ops.py)."""
+    from pagedllm.layers import cpu_kernels, cpu_ops
+
     x = torch.zeros(2, 8, device=DEVICE)
     with fused_kernels(True):
         on = fused.fused_ops_for(x)
     with fused_kernels(False):
         off = fused.fused_ops_for(x)
-    ok = off is None and (on is triton_ops if DEVICE == "cuda" else on is None)
+    want = triton_ops if DEVICE == "cuda" else (cpu_ops if cpu_kernels.lib() is not None else None)
+    ok = off is None and on is want
     emit({"kind": "check", "kernel": "layer dispatch", "device": DEVICE, "fused_on": on is not None,
           "fused_off": off is not None, "result": "PASS" if ok else "FAIL"})
     return ok
