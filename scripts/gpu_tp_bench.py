@@ -23,13 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
-import httpx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT_LENS = (5, 17, 300, 1000)
@@ -163,20 +161,16 @@ def bench_tp(out_dir: str, quick: bool) -> None:
 
 
 def bench_dp(out_dir: str, workdir: str, quick: bool) -> None:
+    from pagedllm.benchmarks.server_process import free_port, start_server
     from pagedllm.benchmarks.workloads import write_config_folder
 
     folder = write_config_folder("smollm2-135m", workdir)
     figures = {}
     for size, api_servers in ((1, 1), (1, 2), (2, 1), (2, 2)):
-        port = _free_port()
-        server = subprocess.Popen(
-            [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", folder, "--load-format", "dummy", "--skip-tokenizer-init",
-             "--max-model-len", "2048", "--data-parallel-size", str(size), "--api-server-count", str(api_servers),
-             "--port", str(port)],
-            env={**os.environ, "PAGEDLLM_NO_PROGRESS": "1"},
-        )
+        port = free_port()
+        server = start_server([folder, "--load-format", "dummy", "--skip-tokenizer-init", "--max-model-len", "2048",
+                               "--data-parallel-size", str(size), "--api-server-count", str(api_servers)], port)
         try:
-            _wait_healthy(server, port)
             result_path = os.path.join(workdir, f"dp{size}_api{api_servers}.json")
             num_prompts = "256" if quick else "1024"
             _python("-m", "pagedllm.entrypoints.cli", "bench", "serve", "--base-url", f"http://127.0.0.1:{port}",
@@ -217,26 +211,6 @@ def _python(*args: str, check: bool = True) -> None:
 def _write(out_dir: str, name: str, line: dict) -> None:
     with open(os.path.join(out_dir, name), "a") as f:
         f.write(json.dumps(line) + "\n")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(server: subprocess.Popen, port: int, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited with code {server.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"the server was not healthy after {timeout} s")
 
 
 def main() -> int:

@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
-import httpx
 import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pagedllm.benchmarks.server_process import free_port, start_server  # noqa: E402
 from pagedllm.benchmarks.workloads import write_config_folder  # noqa: E402
 
 OUTPUT_LEN = 128
@@ -44,23 +43,12 @@ def main() -> None:
     num_prompts = int(argv[2]) if len(argv) > 2 else 64
     api_servers = ["--api-server-count", argv[3]] if len(argv) > 3 else []
     folder = write_config_folder("tiny", tempfile.mkdtemp())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "PAGEDLLM_NO_PROGRESS": "1"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", folder, "--load-format", "dummy", "--skip-tokenizer-init",
-         "--max-model-len", "1024", "--data-parallel-size", str(size), *api_servers, "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    server = start_server([folder, "--load-format", "dummy", "--skip-tokenizer-init", "--max-model-len", "1024",
+                           "--data-parallel-size", str(size), *api_servers], port,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
         parent = psutil.Process(server.pid)
         processes = [parent] + parent.children(recursive=True)
         if starve_http:

@@ -19,21 +19,11 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
-import subprocess
-import sys
 import time
 
-import httpx
-
 from pagedllm.benchmarks import serve
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from pagedllm.benchmarks.server_process import free_port, start_server
 
 
 def _cpu_seconds(pids: list[int]) -> float:
@@ -49,22 +39,6 @@ def _cpu_seconds(pids: list[int]) -> float:
 def _with_children(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return [pid, *map(int, f.read().split())]
-
-
-def _start_server(port: int, engine_options: list[str]) -> subprocess.Popen:
-    command = [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", "--port", str(port), *engine_options]
-    process = subprocess.Popen(command, env={**os.environ, "PAGEDLLM_NO_PROGRESS": "1"})
-    for _ in range(600):
-        if process.poll() is not None:
-            raise SystemExit(f"the server exited with code {process.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    raise SystemExit("the server did not become healthy in 300 s")
 
 
 def main() -> None:
@@ -84,8 +58,11 @@ def main() -> None:
 
     engine_options = [*args.engine_options.split(), "--max-num-seqs", str(args.concurrency)]
     engine_args = engine_args_from(make_parser().parse_args(["serve", *engine_options]))
-    port = _free_port()
-    server = _start_server(port, engine_options)
+    port = free_port()
+    try:
+        server = start_server(engine_options, port, timeout=300)
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from None
     try:
         bench_args = argparse.Namespace(
             base_url=f"http://127.0.0.1:{port}", model=None, api_key=None, num_prompts=args.num_prompts, request_rate="inf",
