@@ -93,15 +93,19 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
                    slot_mapping.data_ptr(), key.shape[0], key.shape[1] * key.shape[2])  # fmt: skip
 
 
+def context_arrays(block_tables: torch.Tensor, seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block tables (rows contiguous) and context lengths as the C kernels read them: int32."""
+    tables = block_tables.to(torch.int32)
+    return (tables if tables.stride(-1) == 1 else tables.contiguous()), seq_lens.to(torch.int32).contiguous()
+
+
 def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, scale: float, sliding_window: int | None = None) -> torch.Tensor:  # fmt: skip
     """query (B, H, D), one token per sequence -> (B, H, D): attention over each sequence's first
     seq_lens[b] cached tokens (the last sliding_window of them), read through block_tables (B, n)."""
     batch, heads, dim = query.shape
     out = torch.empty(batch, heads, dim, dtype=query.dtype)
-    tables = block_tables.to(torch.int32)
-    tables = tables if tables.stride(-1) == 1 else tables.contiguous()
-    lens = seq_lens.to(torch.int32).contiguous()
+    tables, lens = context_arrays(block_tables, seq_lens)
     status = lib().paged_decode_attention(
         query.data_ptr(), _heads(query), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.stride(0),
         lens.data_ptr(), batch, heads, k_cache.shape[2], dim, k_cache.shape[1], scale, sliding_window or 0, out.data_ptr(),

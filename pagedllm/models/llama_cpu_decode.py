@@ -22,6 +22,7 @@ from torch import nn
 from pagedllm.attention.metadata import AttentionMetadata
 from pagedllm.layers.activation import SiluAndMul
 from pagedllm.layers.cpu_kernels import DecoderLayer, Q4Blocks, lib
+from pagedllm.layers.cpu_ops import context_arrays
 from pagedllm.layers.fused import cpu_ops_for
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.quantized_linear import BlockLinear
@@ -65,9 +66,7 @@ class CpuDecodeLayers:
         x = x.contiguous().clone()  # written in place
         residual = torch.zeros_like(x)
         positions = positions.long()
-        tables = meta.block_tables.to(torch.int32)
-        tables = tables if tables.stride(-1) == 1 else tables.contiguous()
-        lens = meta.seq_lens.to(torch.int32).contiguous()
+        tables, lens = context_arrays(meta.block_tables, meta.seq_lens)
         slots = meta.slot_mapping.long()
         status = lib().decode_layers(
             self._layer_table(), len(self.layers), x.data_ptr(), residual.data_ptr(), x.shape[0], self.hidden,
