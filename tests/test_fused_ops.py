@@ -160,20 +160,23 @@ def _decode_metadata(block_tables: torch.Tensor, seq_lens: list[int]) -> Attenti
 
 @pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(9, 3, 64), (4, 4, 100), (8, 1, 128)])
 @pytest.mark.parametrize("sliding_window", [None, 20])
-def test_cpu_paged_decode_attention(num_heads, num_kv_heads, head_dim, sliding_window):
+@pytest.mark.parametrize("batch", [4, 40])
+def test_cpu_paged_decode_attention(num_heads, num_kv_heads, head_dim, sliding_window, batch):
     """The CPU kernels' cache write and decode attention (blocks read in place) against the torch
     backend's (gathered, padded, masked): GQA groups, a head dim with a tail, contexts of several
-    lengths over scattered blocks, a sliding window, and v a strided view of a qkv output."""
+    lengths over scattered blocks, a sliding window, and v a strided view of a qkv output. A few
+    sequences split their kv heads over threads; many are one task each."""
     ops = _cpu_ops()
-    lens = [1, 37, 90, 16]
-    tables = torch.randperm(40, generator=torch.Generator().manual_seed(5))[:24].int().view(4, 6)
+    lens = [[1, 37, 90, 16][b % 4] + b % 7 for b in range(batch)]
+    num_blocks = 6 * batch + 16
+    tables = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(5))[: 6 * batch].int().view(batch, 6)
     meta = _decode_metadata(tables, lens)
-    k_cache = randn(40, 16, num_kv_heads, head_dim, dtype=torch.float32, seed=6)
-    v_cache = randn(40, 16, num_kv_heads, head_dim, dtype=torch.float32, seed=7)
-    query = randn(4, num_heads, head_dim, dtype=torch.float32, seed=8)
-    kv = randn(4, 3 * num_kv_heads * head_dim, dtype=torch.float32, seed=9)  # [k | v | other]
-    key = kv[:, : num_kv_heads * head_dim].view(4, num_kv_heads, head_dim)
-    value = kv[:, num_kv_heads * head_dim : 2 * num_kv_heads * head_dim].view(4, num_kv_heads, head_dim)
+    k_cache = randn(num_blocks, 16, num_kv_heads, head_dim, dtype=torch.float32, seed=6)
+    v_cache = randn(num_blocks, 16, num_kv_heads, head_dim, dtype=torch.float32, seed=7)
+    query = randn(batch, num_heads, head_dim, dtype=torch.float32, seed=8)
+    kv = randn(batch, 3 * num_kv_heads * head_dim, dtype=torch.float32, seed=9)  # [k | v | other]
+    key = kv[:, : num_kv_heads * head_dim].view(batch, num_kv_heads, head_dim)
+    value = kv[:, num_kv_heads * head_dim : 2 * num_kv_heads * head_dim].view(batch, num_kv_heads, head_dim)
     want_k, want_v = k_cache.clone(), v_cache.clone()
     want = TorchAttentionBackend().forward(query, key, value, want_k, want_v, meta, head_dim**-0.5, sliding_window)
     got_k, got_v = k_cache.clone(), v_cache.clone()

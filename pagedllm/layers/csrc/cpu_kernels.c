@@ -24,6 +24,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <omp.h>
 
 #define QK 32
 
@@ -343,70 +344,151 @@ void write_kv(const float *k, int64_t k_stride, const float *v, int64_t v_stride
     }
 }
 
-static inline float dot(const float *a, const float *b, int64_t n) {
-    __m256 acc = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    float total = hsum(acc);
-    for (; i < n; i++) total += a[i] * b[i];
-    return total;
+#define MAX_CHUNK 64 /* at most this many tokens (of one block) are scored at a time */
+
+/* Scores of `group` query heads (qg, dim apart) against n keys (rows `row` apart), eight keys at
+ * a time with their sums reduced together: scores[h * MAX_CHUNK + i] = scale q_h . k_i. */
+static void score_chunk(const float *qg, int64_t group, int64_t dim, const float *K, int64_t row, int64_t n,
+                        float scale, float *scores) {
+    for (int64_t h = 0; h < group; h++) {
+        const float *qh = qg + h * dim;
+        for (int64_t i0 = 0; i0 < n; i0 += 8) {
+            const float *k[8];
+            for (int j = 0; j < 8; j++) k[j] = K + (i0 + j < n ? i0 + j : n - 1) * row;
+            __m256 a[8];
+            for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
+            int64_t d = 0;
+            for (; d + 8 <= dim; d += 8) {
+                const __m256 qv = _mm256_loadu_ps(qh + d);
+                for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[j] + d), a[j]);
+            }
+            const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+            const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+            const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+            float s8[8];
+            _mm256_storeu_ps(s8, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+            for (int j = 0; j < 8 && i0 + j < n; j++) {
+                for (int64_t e = d; e < dim; e++) s8[j] += qh[e] * k[j][e];
+                scores[h * MAX_CHUNK + i0 + j] = s8[j] * scale;
+            }
+        }
+    }
 }
 
-/* o += p * v over n floats. */
-static inline void axpy(float *o, float p, const float *v, int64_t n) {
-    const __m256 pv = _mm256_set1_ps(p);
+/* Softmax step of the online softmax: p = exp(s - new max) in place over n scores; the running
+ * maximum and sum are updated and the output rescaled to the new maximum. */
+static void softmax_chunk(float *sc, int64_t n, float *top, float *total, float *o, int64_t dim) {
+    float m = *top;
+    for (int64_t i = 0; i < n; i++) m = sc[i] > m ? sc[i] : m;
+    const float c = expf(*top - m);
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + i), _mm256_loadu_ps(o + i)));
-    for (; i < n; i++) o[i] += p * v[i];
+    __m256 sum = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + i), _mm256_set1_ps(m)));
+        _mm256_storeu_ps(sc + i, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    float s = hsum(sum);
+    for (; i < n; i++) s += (sc[i] = expf(sc[i] - m));
+    *total = *total * c + s;
+    *top = m;
+    if (c != 1.0f)
+        for (int64_t d = 0; d < dim; d++) o[d] *= c;
+}
+
+/* o += sum_i p[i] v_i over n value rows (`row` apart), 64 columns at a time held in registers. */
+static void accumulate_values(const float *p, const float *V, int64_t row, int64_t n, float *o, int64_t dim) {
+    int64_t d = 0;
+    for (; d + 64 <= dim; d += 64) {
+        __m256 acc[8];
+        for (int c = 0; c < 8; c++) acc[c] = _mm256_loadu_ps(o + d + 8 * c);
+        for (int64_t i = 0; i < n; i++) {
+            const __m256 pv = _mm256_set1_ps(p[i]);
+            const float *v = V + i * row + d;
+            for (int c = 0; c < 8; c++) acc[c] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 8 * c), acc[c]);
+        }
+        for (int c = 0; c < 8; c++) _mm256_storeu_ps(o + d + 8 * c, acc[c]);
+    }
+    for (; d + 8 <= dim; d += 8) {
+        __m256 acc = _mm256_loadu_ps(o + d);
+        for (int64_t i = 0; i < n; i++) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[i]), _mm256_loadu_ps(V + i * row + d), acc);
+        _mm256_storeu_ps(o + d, acc);
+    }
+    for (; d < dim; d++)
+        for (int64_t i = 0; i < n; i++) o[d] += p[i] * V[i * row + d];
+}
+
+/* One sequence's query heads of kv heads [g0, g1) over its cached tokens [start, len), block by
+ * block (each block's rows read once for all those heads), with an online softmax. scratch:
+ * (g1 - g0) * group * (MAX_CHUNK + 2) floats. */
+static void attend(const float *q, int64_t group, int64_t dim, const float *k_cache, const float *v_cache,
+                   const int32_t *table, int64_t start, int64_t len, int64_t kv_heads, int64_t g0, int64_t g1,
+                   int64_t block_size, float scale, float *out, float *scratch) {
+    const int64_t heads = (g1 - g0) * group, row = kv_heads * dim;
+    float *scores = scratch, *top = scores + heads * MAX_CHUNK, *total = top + heads;
+    for (int64_t h = 0; h < heads; h++) { top[h] = -INFINITY; total[h] = 0.0f; }
+    memset(out, 0, heads * dim * sizeof(float));
+    for (int64_t t0 = start; t0 < len;) {
+        const int64_t in_block = t0 % block_size;
+        int64_t n = block_size - in_block;
+        if (n > len - t0) n = len - t0;
+        if (n > MAX_CHUNK) n = MAX_CHUNK;
+        const int64_t base = ((int64_t)table[t0 / block_size] * block_size + in_block) * row;
+        if (t0 + n < len) { /* the next block's rows, fetched while this one is computed */
+            const int64_t t1 = t0 + n, next = ((int64_t)table[t1 / block_size] * block_size + t1 % block_size) * row;
+            const int64_t m = (block_size - t1 % block_size < len - t1 ? block_size - t1 % block_size : len - t1);
+            for (int64_t i = 0; i < m; i++)
+                for (int64_t e = g0 * dim; e < g1 * dim; e += 16) {
+                    _mm_prefetch((const char *)(k_cache + next + i * row + e), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(v_cache + next + i * row + e), _MM_HINT_T0);
+                }
+        }
+        for (int64_t g = g0; g < g1; g++) {
+            const int64_t h0 = (g - g0) * group;
+            float *sc = scores + h0 * MAX_CHUNK;
+            score_chunk(q + h0 * dim, group, dim, k_cache + base + g * dim, row, n, scale, sc);
+            for (int64_t h = 0; h < group; h++)
+                softmax_chunk(sc + h * MAX_CHUNK, n, top + h0 + h, total + h0 + h, out + (h0 + h) * dim, dim);
+            for (int64_t h = 0; h < group; h++)
+                accumulate_values(sc + h * MAX_CHUNK, v_cache + base + g * dim, row, n, out + (h0 + h) * dim, dim);
+        }
+        t0 += n;
+    }
+    for (int64_t h = 0; h < heads; h++) {
+        const float inv = 1.0f / total[h];
+        for (int64_t d = 0; d < dim; d++) out[h * dim + d] *= inv;
+    }
 }
 
 /* One new token per sequence: out[b, h] = softmax(scale q[b, h] . K) V over the sequence's first
  * seq_lens[b] cached tokens (the last `window` of them if window > 0), read in place from the
  * blocks of block_tables[b]. q (B, H, dim) rows q_stride apart per sequence; caches
- * (num_blocks, block_size, kv_heads, dim); out (B, H, dim) contiguous. A kv head's keys and values
- * are read once for all the query heads that share it. Returns 0, or -1 if out of memory. */
+ * (num_blocks, block_size, kv_heads, dim); out (B, H, dim) contiguous. Returns 0, or -1 if out of
+ * memory. */
 int paged_decode_attention(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
                            const int32_t *block_tables, int64_t table_stride, const int32_t *seq_lens, int64_t B,
                            int64_t H, int64_t kv_heads, int64_t dim, int64_t block_size, float scale, int64_t window,
                            float *out) {
     const int64_t group = H / kv_heads;
-    int64_t longest = 0, work = 0;
-    for (int64_t b = 0; b < B; b++) {
-        longest = seq_lens[b] > longest ? seq_lens[b] : longest;
-        work += seq_lens[b];
-    }
+    int64_t work = 0;
+    for (int64_t b = 0; b < B; b++) work += seq_lens[b];
+    /* a task: one sequence, all its kv heads (each block read whole); one kv head per task when
+     * there are too few sequences to keep every thread busy */
+    const int64_t split = B < 4 * omp_get_max_threads() ? kv_heads : 1, per_task = kv_heads / split;
     int failed = 0;
 #pragma omp parallel if (work * H * dim >= 1 << 18)
     {
-        float *scores = malloc(group * longest * sizeof(float));
-        if (scores == NULL) failed = 1;
+        float *scratch = malloc(per_task * group * (MAX_CHUNK + 2) * sizeof(float));
+        if (scratch == NULL) failed = 1;
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t task = 0; task < B * kv_heads; task++) {
-            if (scores == NULL) continue;
-            const int64_t b = task / kv_heads, g = task % kv_heads, len = seq_lens[b];
-            const int64_t start = window > 0 && len > window ? len - window : 0, n = len - start;
-            const int32_t *table = block_tables + b * table_stride;
-            const float *qg = q + b * q_stride + g * group * dim;
-            for (int64_t t = start; t < len; t++) {
-                const int64_t slot = (int64_t)table[t / block_size] * block_size + t % block_size;
-                const float *k = k_cache + (slot * kv_heads + g) * dim;
-                for (int64_t h = 0; h < group; h++) scores[h * n + t - start] = scale * dot(qg + h * dim, k, dim);
-            }
-            for (int64_t h = 0; h < group; h++) {
-                float *sc = scores + h * n, top = sc[0], total = 0.0f;
-                for (int64_t i = 1; i < n; i++) top = sc[i] > top ? sc[i] : top;
-                for (int64_t i = 0; i < n; i++) total += (sc[i] = expf(sc[i] - top));
-                for (int64_t i = 0; i < n; i++) sc[i] /= total;
-            }
-            float *og = out + (b * H + g * group) * dim;
-            memset(og, 0, group * dim * sizeof(float));
-            for (int64_t t = start; t < len; t++) {
-                const int64_t slot = (int64_t)table[t / block_size] * block_size + t % block_size;
-                const float *v = v_cache + (slot * kv_heads + g) * dim;
-                for (int64_t h = 0; h < group; h++) axpy(og + h * dim, scores[h * n + t - start], v, dim);
-            }
+        for (int64_t task = 0; task < B * split; task++) {
+            if (scratch == NULL) continue;
+            const int64_t b = task / split, g0 = task % split * per_task, len = seq_lens[b];
+            const int64_t start = window > 0 && len > window ? len - window : 0;
+            attend(q + b * q_stride + g0 * group * dim, group, dim, k_cache, v_cache, block_tables + b * table_stride,
+                   start, len, kv_heads, g0, g0 + per_task, block_size, scale, out + (b * H + g0 * group) * dim, scratch);
         }
-        free(scores);
+        free(scratch);
     }
     return failed ? -1 : 0;
 }
