@@ -11,7 +11,8 @@ then data parallelism through the server. JSON lines under $OUT (or --out).
    once to --workdir.
 3. bench: `pagedllm bench throughput|latency --model-config llama-8b --tensor-parallel-size 1|2`.
 4. dp: `pagedllm serve` smollm2-135m (dummy weights) with (--data-parallel-size, --api-server-count)
-   (1, 1), (1, 2), (2, 1), (2, 2), each under `pagedllm bench serve` with the same requests; the
+   (1, 1), (1, 2), (2, 1), (2, 2), each under `pagedllm bench serve --client-processes 16` (one client
+   process reads only ~20k tok/s) with the same 3,072 requests; the
    ratio of output token throughput of DP=2 (two API servers) over DP=1 (one, and two).
 
 Every step runs in its own process (the GPUs are empty between them). Lines written:
@@ -172,10 +173,10 @@ def bench_dp(out_dir: str, workdir: str, quick: bool) -> None:
                                "--data-parallel-size", str(size), "--api-server-count", str(api_servers)], port)
         try:
             result_path = os.path.join(workdir, f"dp{size}_api{api_servers}.json")
-            num_prompts = "256" if quick else "1024"
+            num_prompts = "256" if quick else "3072"
             _python("-m", "pagedllm.entrypoints.cli", "bench", "serve", "--base-url", f"http://127.0.0.1:{port}",
                     "--num-prompts", num_prompts, "--random-input-len", "256", "--random-output-len", "256",
-                    "--vocab-size", "49152", "--request-rate", "inf", "--output-json", result_path)
+                    "--vocab-size", "49152", "--request-rate", "inf", "--client-processes", "16", "--output-json", result_path)
             with open(result_path) as f:
                 result = json.load(f)
             figures[size, api_servers] = result["output_token_throughput"]

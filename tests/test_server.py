@@ -315,6 +315,21 @@ def test_bench_serve_load_generator(server, tmp_path):
     assert result["ttft_ms"]["p50"] > 0 and result["output_token_throughput"] > 0
 
 
+def test_bench_serve_from_several_client_processes(server, tmp_path):
+    """--client-processes: the requests split over processes, every one counted once in one result."""
+    out = tmp_path / "bench.json"
+    command = [sys.executable, "-m", "pagedllm.entrypoints.cli", "bench", "serve", "--base-url", server.base_url,
+               "--num-prompts", "7", "--random-input-len", "16", "--random-output-len", "3", "--client-processes", "3",
+               "--request-rate", "inf", "--output-json", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "3 client processes" in done.stdout
+    result = json.loads(out.read_text())
+    assert (result["completed"], result["failed"], result["client_processes"]) == (7, 0, 3)
+    assert result["total_output_tokens"] == 7 * 3 and result["total_prompt_tokens"] == 7 * 16
+    assert result["num_prompts"] == 7 and result["duration_s"] > 0
+
+
 # -- shutdown (last: it ends the module's server) -------------------------------------------------
 
 

@@ -9,6 +9,12 @@ streamed chunks (ITL), request and token throughput, and failures; --output-json
 the same figures as JSON. Prompts are random token ids of the given length (exact
 input lengths, EOS ignored so every request produces its output length) or the prompts
 of a JSONL file.
+
+One client process reads about 20,000 streamed tokens/s at most (measured against a
+data-parallel server on 2 H200s, docs/benchmarks.md): past that the figure is the
+client's, not the server's. --client-processes N splits the requests (and the request
+rate and concurrency) over N processes that start together; the figures are over all
+of them.
 """
 
 from __future__ import annotations
@@ -16,11 +22,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import random
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -54,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-rate", default="inf",
                         help="requests per second, Poisson arrivals; inf = all at once (default: inf)")
     parser.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight (default: no limit)")
+    parser.add_argument("--client-processes", type=int, default=1,
+                        help="send from this many processes at once, the requests split between them (default: 1)")
     parser.add_argument("--dataset", default="random", help="random, or a JSONL file of {\"prompt\": ...} lines (default: random)")
     parser.add_argument("--random-input-len", type=int, default=128, help="random dataset: prompt tokens (default: 128)")
     parser.add_argument("--random-output-len", type=int, default=128,
@@ -125,16 +134,20 @@ async def send_one(client: httpx.AsyncClient, model: str, request: BenchRequest)
     return result
 
 
-async def run(args: argparse.Namespace) -> dict:
+def _client(args: argparse.Namespace) -> httpx.AsyncClient:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=args.max_concurrency or 1000, max_keepalive_connections=args.max_concurrency or 1000)
-    async with httpx.AsyncClient(base_url=args.base_url.rstrip("/"), headers=headers, limits=limits,
-                                 timeout=httpx.Timeout(args.timeout, connect=30.0)) as client:
-        model = args.model or (await client.get("/v1/models")).raise_for_status().json()["data"][0]["id"]
-        requests = load_requests(args, args.vocab_size)
-        rate = float(args.request_rate)
-        rng = random.Random(args.seed + 1)
-        semaphore = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
+    return httpx.AsyncClient(base_url=args.base_url.rstrip("/"), headers=headers, limits=limits,
+                             timeout=httpx.Timeout(args.timeout, connect=30.0))
+
+
+async def send_all(args: argparse.Namespace, model: str, requests: list[BenchRequest], rate: float,
+                   concurrency: int | None, seed: int) -> tuple[float, float, list[RequestResult]]:
+    """Send `requests` at `rate` per second (Poisson), at most `concurrency` at once:
+    (start, end) on the monotonic clock (one clock for every process) and the results."""
+    rng = random.Random(seed)
+    semaphore = asyncio.Semaphore(concurrency) if concurrency else None
+    async with _client(args) as client:
 
         async def limited(request: BenchRequest) -> RequestResult:
             if semaphore is None:
@@ -142,17 +155,62 @@ async def run(args: argparse.Namespace) -> dict:
             async with semaphore:
                 return await send_one(client, model, request)
 
-        warmup = await send_one(client, model, BenchRequest(requests[0].prompt, min(requests[0].output_len, 4)))
-        if not warmup.ok:  # as vLLM's bench does: one request first, so a broken setup fails at once
-            raise SystemExit(f"the first test request failed: {warmup.error}")
-        start = time.perf_counter()
+        start = time.monotonic()
         tasks = []
         for request in requests:
             tasks.append(asyncio.create_task(limited(request)))
             if rate != float("inf"):
                 await asyncio.sleep(rng.expovariate(rate))
         results = await asyncio.gather(*tasks)
-        duration = time.perf_counter() - start
+    return start, time.monotonic(), results
+
+
+def _client_process(args: argparse.Namespace, model: str, share: list[BenchRequest], index: int,
+                    ready: multiprocessing.Barrier, results: multiprocessing.Queue) -> None:
+    n = args.client_processes
+    concurrency = -(-args.max_concurrency // n) if args.max_concurrency else None
+    ready.wait()  # every process is up: all start sending together
+    results.put(asyncio.run(send_all(args, model, share, float(args.request_rate) / n, concurrency, args.seed + 1 + index)))
+
+
+def send_from_processes(args: argparse.Namespace, model: str, requests: list[BenchRequest]) -> tuple[float, list[RequestResult]]:
+    """The requests dealt round-robin to --client-processes processes: (wall time over all, results)."""
+    context = multiprocessing.get_context("spawn")
+    n = args.client_processes
+    ready, queue = context.Barrier(n + 1), context.Queue()
+    processes = [context.Process(target=_client_process, args=(args, model, requests[i::n], i, ready, queue), daemon=True)
+                 for i in range(n)]
+    for process in processes:
+        process.start()
+    ready.wait(timeout=120)
+    shares = [queue.get(timeout=args.timeout + 120) for _ in processes]
+    for process in processes:
+        process.join()
+    start, end = min(s[0] for s in shares), max(s[1] for s in shares)
+    return end - start, [r for share in shares for r in share[2]]
+
+
+async def first_request(args: argparse.Namespace, request: BenchRequest) -> str:
+    """The model to send (--model, or the server's first); one short request first, as vLLM's bench
+    does, so a broken setup fails at once."""
+    async with _client(args) as client:
+        model = args.model or (await client.get("/v1/models")).raise_for_status().json()["data"][0]["id"]
+        warmup = await send_one(client, model, BenchRequest(request.prompt, min(request.output_len, 4)))
+    if not warmup.ok:
+        raise SystemExit(f"the first test request failed: {warmup.error}")
+    return model
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.client_processes < 1:
+        raise SystemExit("--client-processes must be at least 1")
+    requests = load_requests(args, args.vocab_size)
+    model = asyncio.run(first_request(args, requests[0]))
+    if args.client_processes == 1:
+        start, end, results = asyncio.run(send_all(args, model, requests, float(args.request_rate), args.max_concurrency, args.seed + 1))
+        duration = end - start
+    else:
+        duration, results = send_from_processes(args, model, requests)
     return summarize(args, model, results, duration)
 
 
@@ -178,6 +236,7 @@ def summarize(args: argparse.Namespace, model: str, results: list[RequestResult]
         "num_prompts": len(results),
         "request_rate": args.request_rate,
         "max_concurrency": args.max_concurrency,
+        "client_processes": args.client_processes,
         "dataset": args.dataset,
         "input_len": args.random_input_len if args.dataset == "random" else None,
         "output_len": args.random_output_len if args.dataset == "random" else None,
@@ -200,7 +259,8 @@ def summarize(args: argparse.Namespace, model: str, results: list[RequestResult]
 def print_report(result: dict) -> None:
     print(f"============ Serving benchmark: {result['model']} at {result['base_url']} ============")
     print(f"requests: {result['completed']} completed, {result['failed']} failed, in {result['duration_s']:.2f} s "
-          f"(rate {result['request_rate']}, concurrency {result['max_concurrency'] or 'unlimited'})")
+          f"(rate {result['request_rate']}, concurrency {result['max_concurrency'] or 'unlimited'}, "
+          f"{result['client_processes']} client process{'es' if result['client_processes'] > 1 else ''})")
     for error in result["errors"]:
         print(f"  error: {error}")
     print(f"request throughput:      {result['request_throughput']:.3f} req/s")
@@ -213,7 +273,7 @@ def print_report(result: dict) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
-    result = asyncio.run(run(args))
+    result = run(args)
     print_report(result)
     if args.output_json:
         with open(args.output_json, "w") as f:

@@ -15,7 +15,6 @@ figure that other processes on the machine do not move.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import signal
@@ -67,7 +66,7 @@ def main() -> None:
         bench_args = argparse.Namespace(
             base_url=f"http://127.0.0.1:{port}", model=None, api_key=None, num_prompts=args.num_prompts, request_rate="inf",
             max_concurrency=args.concurrency, dataset="random", random_input_len=args.input_len,
-            random_output_len=args.output_len, vocab_size=32000, seed=0, timeout=3600.0,
+            random_output_len=args.output_len, vocab_size=32000, seed=0, timeout=3600.0, client_processes=1,
         )
         prompts = [r.prompt for r in serve.load_requests(bench_args, bench_args.vocab_size)]
         os.environ.setdefault("PAGEDLLM_NO_PROGRESS", "1")
@@ -83,7 +82,7 @@ def main() -> None:
             offline = sum(len(o.outputs[0].token_ids) for o in outputs) / (time.perf_counter() - start)
             offline_cpu = (time.process_time() - cpu_start) / num_tokens
             cpu_start = _cpu_seconds(server_pids)
-            online = asyncio.run(serve.run(bench_args))
+            online = serve.run(bench_args)
             server_cpu = (_cpu_seconds(server_pids) - cpu_start) / (num_tokens + 4)  # + bench's test request
             assert online["failed"] == 0, online["errors"]
             rounds.append({"offline_output_tok_s": offline, "server_output_tok_s": online["output_token_throughput"],
