@@ -18,6 +18,13 @@ from pagedllm.sampling_params import SamplingParams
 
 API_KEY_ENV = "PAGEDLLM_API_KEY"
 
+# How long an idle keep-alive connection stays open. It must outlast the idle expiry of the
+# clients and proxies in front (httpx and the openai SDK: 5 s; aiohttp: 15 s; load balancers:
+# 60 s), whose clocks start later than ours (once they have read the response). With
+# uvicorn's 5 s, equal to httpx's, a loaded client sent requests on connections just as we
+# closed them, and those requests failed with a connection reset (httpx ReadError).
+TIMEOUT_KEEP_ALIVE_S = 75.0  # nginx's keepalive_timeout
+
 ENGINE_HELP: dict[str, str] = {
     "model": "model to serve: a folder with config.json and weights, or a .gguf file (default: the bundled SmolLM2-135M-Instruct)",
     "tokenizer": "tokenizer folder, if not the model's",
@@ -130,6 +137,14 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         default=5.0,
         metavar="SECONDS",
         help="on SIGTERM, how long running requests may go on before they are aborted (default: 5)",
+    )
+    group.add_argument(
+        "--timeout-keep-alive",
+        type=float,
+        default=TIMEOUT_KEEP_ALIVE_S,
+        metavar="SECONDS",
+        help="close a keep-alive connection idle this long; keep it above the idle expiry of the clients and proxies "
+        f"in front, or their requests may meet a connection as it closes (default: {TIMEOUT_KEEP_ALIVE_S:g})",
     )
     group.add_argument(
         "--data-parallel-size", type=int, default=1, metavar="N",

@@ -242,6 +242,8 @@ def run_server(args: argparse.Namespace) -> None:
     api_server_count = args.data_parallel_size if args.api_server_count is None else args.api_server_count
     if api_server_count < 1:
         raise SystemExit(f"error: --api-server-count must be at least 1, got {api_server_count}")
+    if args.timeout_keep_alive <= 0:
+        raise SystemExit(f"error: --timeout-keep-alive must be positive, got {args.timeout_keep_alive:g}")
     chat_options = chat_options_from(args)
     sock = bind_socket(args.host, args.port)
     if api_server_count > 1:
@@ -297,6 +299,7 @@ async def serve_client(
             app,
             log_level=args.log_level,
             access_log=args.access_log,
+            timeout_keep_alive=args.timeout_keep_alive,
             timeout_graceful_shutdown=FLUSH_TIMEOUT_S,
         )
         if not api_server:  # one process says where it serves
