@@ -301,15 +301,19 @@ def test_64_concurrent_streams_then_16_disconnects(server):
         assert f"pagedllm:{name}" in metrics
 
 
-def test_bench_serve_load_generator(server, tmp_path):
+def _bench_serve(server, tmp_path, *options: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """`pagedllm bench serve` against the module's server: (the finished process, its JSON result)."""
     out = tmp_path / "bench.json"
     command = [sys.executable, "-m", "pagedllm.entrypoints.cli", "bench", "serve", "--base-url", server.base_url,
-               "--num-prompts", "6", "--random-input-len", "16", "--random-output-len", "4", "--max-concurrency", "3",
-               "--request-rate", "inf", "--output-json", str(out)]
+               "--random-input-len", "16", "--request-rate", "inf", "--output-json", str(out), *options]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
+    return done, json.loads(out.read_text())
+
+
+def test_bench_serve_load_generator(server, tmp_path):
+    done, result = _bench_serve(server, tmp_path, "--num-prompts", "6", "--random-output-len", "4", "--max-concurrency", "3")
     assert "TTFT" in done.stdout and "TPOT" in done.stdout and "ITL" in done.stdout
-    result = json.loads(out.read_text())
     assert (result["completed"], result["failed"]) == (6, 0)
     assert result["total_output_tokens"] == 6 * 4 and result["total_prompt_tokens"] == 6 * 16
     assert result["ttft_ms"]["p50"] > 0 and result["output_token_throughput"] > 0
@@ -317,14 +321,8 @@ def test_bench_serve_load_generator(server, tmp_path):
 
 def test_bench_serve_from_several_client_processes(server, tmp_path):
     """--client-processes: the requests split over processes, every one counted once in one result."""
-    out = tmp_path / "bench.json"
-    command = [sys.executable, "-m", "pagedllm.entrypoints.cli", "bench", "serve", "--base-url", server.base_url,
-               "--num-prompts", "7", "--random-input-len", "16", "--random-output-len", "3", "--client-processes", "3",
-               "--request-rate", "inf", "--output-json", str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
+    done, result = _bench_serve(server, tmp_path, "--num-prompts", "7", "--random-output-len", "3", "--client-processes", "3")
     assert "3 client processes" in done.stdout
-    result = json.loads(out.read_text())
     assert (result["completed"], result["failed"], result["client_processes"]) == (7, 0, 3)
     assert result["total_output_tokens"] == 7 * 3 and result["total_prompt_tokens"] == 7 * 16
     assert result["num_prompts"] == 7 and result["duration_s"] > 0
