@@ -276,6 +276,8 @@ async def _cut_after_first_chunk(http: httpx.AsyncClient, i: int) -> None:
 
 
 def test_64_concurrent_streams_then_16_disconnects(server):
+    queued_before = server.metric("request_queue_time_seconds_count")
+
     async def run() -> None:
         limits = httpx.Limits(max_connections=100)
         async with httpx.AsyncClient(base_url=server.base_url, timeout=300, limits=limits) as http:
@@ -294,6 +296,8 @@ def test_64_concurrent_streams_then_16_disconnects(server):
     assert (running, usage) == (0, 0)
     assert server.metric("num_requests_waiting") == 0
     assert server.metric("generation_tokens_total") >= 64 * 8
+    # every request's queue time (arrival to first scheduled) was recorded once it was scheduled
+    assert server.metric("request_queue_time_seconds_count") - queued_before == 64 + 16
     metrics = httpx.get(server.url("/metrics")).text
     for name in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds",
                  "request_queue_time_seconds", "prefix_cache_queries_total", "prefix_cache_hits_total",

@@ -40,7 +40,6 @@ from pagedllm.logger import init_logging
 
 if TYPE_CHECKING:
     from pagedllm.core.interface import EngineCoreOutput
-    from pagedllm.core.request import Request
     from pagedllm.engine.core import EngineCore
 
 logger = logging.getLogger("pagedllm")
@@ -120,7 +119,7 @@ class EngineCoreProc:
         self.outputs = outputs  # by front-end index
         self.parent_pid = parent_pid
         self.running = True
-        self.not_yet_scheduled: dict[str, Request] = {}  # for the queue-time metric
+        self.not_yet_scheduled: set[str] = set()  # for the queue-time metric
         self.front_end_of: dict[str, int] = {}  # core request id -> the front end that added it, until it ends
 
     def run(self) -> None:
@@ -141,7 +140,7 @@ class EngineCoreProc:
             step_start = time.monotonic()
             outputs = self.core.step()
             for request_id, message in self.core.take_failed():  # a grammar that did not compile
-                self.not_yet_scheduled.pop(request_id, None)
+                self.not_yet_scheduled.discard(request_id)
                 self._fail(request_id, message)
             logger.debug("engine core: step of %.3f s, %d outputs", time.monotonic() - step_start, len(outputs))
             self._send_outputs(outputs, self._newly_scheduled(step_start))
@@ -161,14 +160,15 @@ class EngineCoreProc:
             for request in message.requests:
                 self.front_end_of[request.request_id] = message.front_end
                 try:
-                    self.not_yet_scheduled[request.request_id] = self.core.add_request(request)
+                    self.core.add_request(request)
+                    self.not_yet_scheduled.add(request.request_id)
                 except ValueError as e:
                     self._fail(request.request_id, str(e))
         elif isinstance(message, AbortRequests):
             logger.debug("engine core: aborting %s", message.request_ids)
             self.core.abort(message.request_ids)
             for request_id in message.request_ids:
-                self.not_yet_scheduled.pop(request_id, None)
+                self.not_yet_scheduled.discard(request_id)
                 self.front_end_of.pop(request_id, None)
         elif isinstance(message, Shutdown):
             self.running = False
@@ -176,11 +176,12 @@ class EngineCoreProc:
             raise TypeError(f"engine core got an unknown message {type(message).__name__}")
 
     def _newly_scheduled(self, step_start: float) -> dict[str, float]:
-        # The scheduler sets num_cached_tokens when it first admits a request.
-        scheduled = {rid: step_start for rid, r in self.not_yet_scheduled.items() if r.num_cached_tokens >= 0 or r.status.finished}
-        for request_id in scheduled:
-            del self.not_yet_scheduled[request_id]
-        return scheduled
+        """The requests this step's scheduling admitted for the first time, at the step's start.
+        (From the scheduler's own list: a burst of thousands of waiting requests is not walked
+        every step.)"""
+        first = [rid for rid in self.core.take_admitted() if rid in self.not_yet_scheduled]
+        self.not_yet_scheduled.difference_update(first)
+        return dict.fromkeys(first, step_start)
 
     def _send_outputs(self, outputs: list[EngineCoreOutput], first_scheduled: dict[str, float]) -> None:
         """One CoreOutputs to every front end: its own requests' outputs, and the stats."""
