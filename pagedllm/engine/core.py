@@ -47,7 +47,9 @@ class EngineCore:
         cache = CacheConfig(args.block_size, self.executor.num_blocks, args.enable_prefix_caching)
         self.async_scheduling = args.resolved_async_scheduling
         self.in_flight: InFlightStep | None = None
-        self._admitted: list[str] = []  # ids the scheduler admitted since take_admitted()
+        # Ids of the requests the last step's scheduling admitted (a preempted one again when it
+        # resumes): what a server needs for queue times, without walking its waiting queue.
+        self.admitted: list[str] = []
         max_model_len = _fit_max_model_len(model.config.max_model_len, cache, args)
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -90,12 +92,6 @@ class EngineCore:
         self.scheduler.abort(request_ids)
         self.structured.abort(request_ids)
 
-    def take_admitted(self) -> list[str]:
-        """Ids of the requests the scheduler admitted since the last call (a preempted request
-        again when it resumes): what a server needs for queue times, without walking its queue."""
-        admitted, self._admitted = self._admitted, []
-        return admitted
-
     def take_failed(self) -> list[tuple[str, str]]:
         """(request id, why) of requests that ended without running (a grammar that did not compile)."""
         return self.structured.take_failed()
@@ -108,7 +104,7 @@ class EngineCore:
             outputs = []
         self.structured.admit_ready(self.scheduler)  # requests whose grammar has compiled
         scheduler_output = self.scheduler.schedule()
-        self._admitted += [new.request_id for new in scheduler_output.new_requests]
+        self.admitted = [new.request_id for new in scheduler_output.new_requests]
         if scheduler_output.empty:
             return outputs + self._finish_in_flight()
         self.executor.execute_model(scheduler_output)

@@ -179,7 +179,7 @@ class EngineCoreProc:
         """The requests this step's scheduling admitted for the first time, at the step's start.
         (From the scheduler's own list: a burst of thousands of waiting requests is not walked
         every step.)"""
-        first = [rid for rid in self.core.take_admitted() if rid in self.not_yet_scheduled]
+        first = [rid for rid in self.core.admitted if rid in self.not_yet_scheduled]
         self.not_yet_scheduled.difference_update(first)
         return dict.fromkeys(first, step_start)
 
