@@ -434,15 +434,6 @@ static void attend(const float *q, int64_t group, int64_t dim, const float *k_ca
         if (n > len - t0) n = len - t0;
         if (n > MAX_CHUNK) n = MAX_CHUNK;
         const int64_t base = ((int64_t)table[t0 / block_size] * block_size + in_block) * row;
-        if (t0 + n < len) { /* the next block's rows, fetched while this one is computed */
-            const int64_t t1 = t0 + n, next = ((int64_t)table[t1 / block_size] * block_size + t1 % block_size) * row;
-            const int64_t m = (block_size - t1 % block_size < len - t1 ? block_size - t1 % block_size : len - t1);
-            for (int64_t i = 0; i < m; i++)
-                for (int64_t e = g0 * dim; e < g1 * dim; e += 16) {
-                    _mm_prefetch((const char *)(k_cache + next + i * row + e), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(v_cache + next + i * row + e), _MM_HINT_T0);
-                }
-        }
         for (int64_t g = g0; g < g1; g++) {
             const int64_t h0 = (g - g0) * group;
             float *sc = scores + h0 * MAX_CHUNK;
