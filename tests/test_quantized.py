@@ -15,7 +15,7 @@ from torch import nn
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.layers import cpu_kernels
-from pagedllm.layers.cpu_kernels import Q4Blocks, Q8Blocks
+from pagedllm.layers.cpu_kernels import Q4Blocks, Q8Blocks, Tiles
 from pagedllm.layers.quantized_linear import (
     GGML_Q4_0,
     GGML_Q4_1,
@@ -52,8 +52,10 @@ def _gguf_blocks(ggml_type: int, rows: int = 48, cols: int = 128) -> tuple[torch
 
 @pytest.mark.parametrize("ggml_type", [GGML_Q4_0, GGML_Q4_1, GGML_Q8_0])
 def test_gguf_blocks_are_taken_exactly(ggml_type):
-    reference, weight = _gguf_blocks(ggml_type)
+    reference, weight = _gguf_blocks(ggml_type, rows=44)
     assert torch.equal(weight.dequantize(), reference)
+    # The kernels' layout (8 rows interleaved, the last group padded) holds the same values.
+    assert torch.equal(Tiles.of(weight).dequantize(), reference)
 
 
 @pytest.mark.parametrize("ggml_type", [GGML_Q4_0, GGML_Q4_1])
@@ -67,13 +69,13 @@ def test_gguf_q4_blocks_map_exactly_onto_torchs_int4_kernel(ggml_type):
 
 @needs_our_kernels
 @pytest.mark.parametrize("ggml_type", [GGML_Q4_0, GGML_Q4_1, GGML_Q8_0])
-@pytest.mark.parametrize("rows", [1, 3, 4, 9, 64])
+@pytest.mark.parametrize("rows", [1, 2, 3, 6, 11, 100])
 def test_our_kernels_compute_exact_integer_dot_products(ggml_type, rows):
     """Activations that int8 blocks hold exactly (127 steps of a power of two, the largest of each
     block at 127): then only float rounding separates the kernel from the float64 product --
-    every nibble, scale, zero point and token row in its place. Row counts cover the 4-token
-    and the 1-token paths, outputs (N = 80) a partial tile."""
-    reference, weight = _gguf_blocks(ggml_type, rows=80, cols=256)
+    every nibble, scale, zero point and token row in its place. Token counts cover every tile
+    width (1..6 tokens) and a second chunk of 96 tokens; outputs (N = 84) a partial group of 8."""
+    reference, weight = _gguf_blocks(ggml_type, rows=84, cols=256)
     q = torch.randint(-127, 128, (rows, 256 // 32, 32))
     q[..., 0] = 127
     x = (q * 2.0 ** -7).float().flatten(1)

@@ -7,10 +7,11 @@ at install), cached by the hash of its source and flags in ~/.cache/pagedllm/cpu
 called through ctypes. Where it cannot run -- no compiler, another CPU, PAGEDLLM_CPU_KERNELS=0 --
 `lib()` is None and callers take torch's kernels; the reason is logged once.
 
-Weights, as contiguous tensors (N output rows, K inputs, K / 32 blocks a row):
+Weights, as contiguous tensors (N output rows, K inputs, K / 32 blocks a row), as read:
     Q4Blocks  qs (N, K/32, 16) uint8, byte j = value j | value j + 16 << 4;  dm (N, K/32, 2) fp16 [d, m]
               w = d * q + m  (GGUF Q4_1 as stored; Q4_0 is m = -8 d)
     Q8Blocks  qs (N, K) int8;  d (N, K/32) fp16                        w = d * q  (GGUF Q8_0)
+and, for the products, the same bytes reordered once into Tiles (8 rows interleaved, below).
 Activations are quantized to int8 in blocks of 32 inside each product (as llama.cpp does), so
 the products differ from float ones by that rounding: about 0.5% of a block's largest value.
 """
@@ -75,17 +76,57 @@ class Q8Blocks:
         return (self.qs.view(n, -1, BLOCK).float() * self.d.float()[..., None]).view(n, k)
 
 
-def matmul(x: torch.Tensor, weight: Q4Blocks | Q8Blocks) -> torch.Tensor:
+@dataclass(frozen=True)
+class Tiles:
+    """Q4Blocks or Q8Blocks laid out for the products (cpu_kernels.c, "matrix products"): rows in
+    groups of 8 (the last zero-padded), each block's bytes of the 8 rows interleaved four at a
+    time, so one vector holds four inputs' values of 8 rows. The same bytes, reordered once at load."""
+
+    bits: int  # 4 or 8
+    qs: torch.Tensor  # (groups, K / 32, quads, 8, 4): 4 quads of q4 bytes or 8 of q8 values
+    scales: torch.Tensor  # (groups, K / 32, 2 or 1, 8) float16: q4 [d, m], q8 [d]
+    rows: int
+
+    @staticmethod
+    def of(weight: Q4Blocks | Q8Blocks) -> Tiles:
+        n, k = weight.shape
+        if isinstance(weight, Q4Blocks):
+            bits, qs, scales = 4, weight.qs, weight.dm
+        else:
+            bits, qs, scales = 8, weight.qs.view(n, k // BLOCK, BLOCK), weight.d[..., None]
+        pad = -n % 8
+        qs = torch.cat([qs, qs.new_zeros(pad, *qs.shape[1:])])
+        scales = torch.cat([scales, scales.new_zeros(pad, *scales.shape[1:])])
+        groups = (n + pad) // 8
+        qs = qs.view(groups, 8, k // BLOCK, -1, 4).permute(0, 2, 3, 1, 4).contiguous()
+        scales = scales.view(groups, 8, k // BLOCK, -1).permute(0, 2, 3, 1).contiguous()
+        return Tiles(bits, qs, scales, n)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.rows, self.qs.shape[1] * BLOCK
+
+    def blocks(self) -> Q4Blocks | Q8Blocks:
+        """The row-major blocks back."""
+        n, k = self.shape
+        qs = self.qs.permute(0, 3, 1, 2, 4).reshape(-1, k // BLOCK, self.qs.shape[2] * 4)[:n]
+        scales = self.scales.permute(0, 3, 1, 2).reshape(-1, k // BLOCK, self.scales.shape[2])[:n]
+        if self.bits == 4:
+            return Q4Blocks(qs.contiguous(), scales.contiguous())
+        return Q8Blocks(qs.reshape(n, k).contiguous(), scales[..., 0].contiguous())
+
+    def dequantize(self) -> torch.Tensor:
+        return self.blocks().dequantize()
+
+
+def matmul(x: torch.Tensor, weight: Tiles) -> torch.Tensor:
     """x (..., K) float32 @ weight (N, K)^T -> (..., N) float32. Only where lib() is not None."""
     n, k = weight.shape
     x = x if x.is_contiguous() else x.contiguous()
     y = torch.empty(*x.shape[:-1], n)
     rows = x.numel() // k
-    if isinstance(weight, Q4Blocks):
-        status = lib().matmul_q4(weight.qs.data_ptr(), weight.dm.data_ptr(), x.data_ptr(), y.data_ptr(), rows, n, k)
-    else:
-        status = lib().matmul_q8(weight.qs.data_ptr(), weight.d.data_ptr(), x.data_ptr(), y.data_ptr(), rows, n, k)
-    if status:
+    product = lib().matmul_q4 if weight.bits == 4 else lib().matmul_q8
+    if product(weight.qs.data_ptr(), weight.scales.data_ptr(), x.data_ptr(), y.data_ptr(), rows, n, k):
         raise MemoryError(f"out of memory quantizing a ({rows}, {k}) activation")
     return y
 

@@ -117,13 +117,13 @@ class BlockLinear(_QuantizedLinear):
     def __init__(self, weight: Q4Blocks | Q8Blocks, bias=None, tp=None) -> None:
         super().__init__(*weight.shape, bias, torch.float32, tp)
         self.format = "int4" if isinstance(weight, Q4Blocks) else "int8"
-        self.weight_blocks = weight
+        self.weight_tiles = cpu_kernels.Tiles.of(weight)  # the blocks, reordered for the kernels
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_kernels.matmul(x.float(), self.weight_blocks).to(x.dtype)  # (no-ops in float32)
+        return cpu_kernels.matmul(x.float(), self.weight_tiles).to(x.dtype)  # (no-ops in float32)
 
     def dequantize(self) -> torch.Tensor:
-        return self.weight_blocks.dequantize()
+        return self.weight_tiles.dequantize()
 
 
 class Int4Linear(_QuantizedLinear):

@@ -21,7 +21,7 @@ from torch import nn
 
 from pagedllm.attention.metadata import AttentionMetadata
 from pagedllm.layers.activation import SiluAndMul
-from pagedllm.layers.cpu_kernels import DecoderLayer, Q4Blocks, lib
+from pagedllm.layers.cpu_kernels import DecoderLayer, lib
 from pagedllm.layers.cpu_ops import context_arrays
 from pagedllm.layers.fused import cpu_ops_for
 from pagedllm.layers.norm import RMSNorm
@@ -55,7 +55,7 @@ class CpuDecodeLayers:
                 type(attn) is LlamaAttention and attn.attn.sliding_window is None
                 and type(layer.input_layernorm) is RMSNorm and type(layer.post_attention_layernorm) is RMSNorm
                 and type(mlp.act) is SiluAndMul
-                and all(type(p) is BlockLinear and isinstance(p.weight_blocks, Q4Blocks) and p.bias is None and p.tp is None
+                and all(type(p) is BlockLinear and p.weight_tiles.bits == 4 and p.bias is None and p.tp is None
                         for p in products)
             ):  # fmt: skip
                 return None
@@ -87,8 +87,8 @@ class CpuDecodeLayers:
                 entry.input_norm = layer.input_layernorm.weight.data_ptr()
                 entry.post_norm = layer.post_attention_layernorm.weight.data_ptr()
                 for name, product in (("qkv", attn.qkv_proj), ("o", attn.o_proj), ("gate_up", mlp.gate_up_proj), ("down", mlp.down_proj)):
-                    setattr(entry, f"{name}_qs", product.weight_blocks.qs.data_ptr())
-                    setattr(entry, f"{name}_dm", product.weight_blocks.dm.data_ptr())
+                    setattr(entry, f"{name}_qs", product.weight_tiles.qs.data_ptr())
+                    setattr(entry, f"{name}_dm", product.weight_tiles.scales.data_ptr())
                 entry.k_cache, entry.v_cache = attn.attn.k_cache.data_ptr(), attn.attn.v_cache.data_ptr()
             self._table, self._caches = table, caches
         return self._table

@@ -10,7 +10,8 @@
  *
  * Quantized matrix products, in the manner of GGUF's integer dot products: the activations are
  * quantized to int8 in blocks of 32 (x = d * q, per block), the weights stay in their 4- or
- * 8-bit blocks, and each block's dot product is an integer one, scaled once:
+ * 8-bit blocks (laid out in tiles of 8 rows, below), and each block's dot product is an integer
+ * one, scaled once:
  *
  *   q4 weights  w = d * q + m,  q in [0, 15]  (GGUF Q4_1; Q4_0 is m = -8 d)
  *               sum_j w_j x_j = d_w d_x sum_j q_j qx_j + m_w (d_x sum_j qx_j)
@@ -38,8 +39,6 @@ static inline float hsum(__m256 v) {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
-
-static inline float fp16(uint16_t h) { return _cvtsh_ss(h); }
 
 /* ---------------------------------------------------------------- activations -> int8 blocks */
 
@@ -80,83 +79,26 @@ static void quantize_q8(const float *x, int64_t n_blocks, int8_t *q, float *d, f
     }
 }
 
-/* ---------------------------------------------------------------- block dot products */
+/* ---------------------------------------------------------------- matrix products
+ *
+ * The weights are laid out for the products at load (layers/cpu_kernels.py, Tiles): rows in
+ * groups of 8 (the last one zero-padded), and within a group each block's bytes interleaved four
+ * at a time, so that one 32-byte vector holds four consecutive inputs' values of 8 rows:
+ *
+ *   q4  per group and block: 128 bytes, vector j (0..3) = each row's block bytes 4j..4j+3 (low
+ *       nibbles: values 4j..4j+3, high nibbles: values 16+4j..16+4j+3); 16 fp16 scales: the 8
+ *       rows' d, then their m
+ *   q8  per group and block: 256 bytes, vector j (0..7) = each row's values 4j..4j+3; 8 fp16 d
+ *
+ * One vpmaddubsw of such a vector against a token's four int8 values (broadcast) gives the 8 rows'
+ * partial dot products in the register's lanes, so a block's sums for 8 rows and a token stay in
+ * one register, are converted and scaled once a block, and are stored 8 outputs at a time --
+ * rather than a horizontal sum and a scalar scale per row, block and token. A tile is 8 rows by
+ * up to 6 tokens: 6 integer and 6 float sums fill the 16 vector registers with the operands. */
 
-/* 32 unsigned 4-bit values: byte j holds value j (low nibble) and j + 16 (high nibble). */
-static inline __m256i nibbles(const uint8_t *qs) {
-    const __m128i packed = _mm_loadu_si128((const __m128i *)qs);
-    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
-    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
-}
-
-/* 8 int32 partial sums of u8 * s8 over 32 pairs, as floats. */
-static inline __m256 dot_u8s8(__m256i u, __m256i s) {
-    const __m256i pairs = _mm256_maddubs_epi16(u, s);
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-}
-
-/* One output: the row's blocks against one token's blocks. */
-static inline float row_q4(const uint8_t *qs, const uint16_t *dm, const int8_t *xq, const float *xd,
-                           const float *xs, int64_t nb) {
-    __m256 acc = _mm256_setzero_ps();
-    float mins = 0.0f;
-    for (int64_t b = 0; b < nb; b++) {
-        const __m256 p = dot_u8s8(nibbles(qs + b * 16), _mm256_loadu_si256((const __m256i *)(xq + b * QK)));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(fp16(dm[2 * b]) * xd[b]), p, acc);
-        mins += fp16(dm[2 * b + 1]) * xs[b];
-    }
-    return hsum(acc) + mins;
-}
-
-static inline float row_q8(const int8_t *qs, const uint16_t *dw, const int8_t *xq, const float *xd, int64_t nb) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        const __m256i w = _mm256_loadu_si256((const __m256i *)(qs + b * QK));
-        const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
-        /* maddubs wants one unsigned operand: |w| * (x with w's sign). */
-        const __m256 p = dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(fp16(dw[b]) * xd[b]), p, acc);
-    }
-    return hsum(acc);
-}
-
-/* Four tokens against one row: each weight block is unpacked once for all four. */
-static inline void row_q4_x4(const uint8_t *qs, const uint16_t *dm, const int8_t *xq, const float *xd,
-                             const float *xs, int64_t nb, int64_t K, float *out) {
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    float mins[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int64_t b = 0; b < nb; b++) {
-        const __m256i w = nibbles(qs + b * 16);
-        const float d = fp16(dm[2 * b]), m = fp16(dm[2 * b + 1]);
-        for (int i = 0; i < 4; i++) {
-            const __m256 p = dot_u8s8(w, _mm256_loadu_si256((const __m256i *)(xq + i * K + b * QK)));
-            acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(d * xd[i * nb + b]), p, acc[i]);
-            mins[i] += m * xs[i * nb + b];
-        }
-    }
-    for (int i = 0; i < 4; i++) out[i] = hsum(acc[i]) + mins[i];
-}
-
-static inline void row_q8_x4(const int8_t *qs, const uint16_t *dw, const int8_t *xq, const float *xd,
-                             int64_t nb, int64_t K, float *out) {
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t b = 0; b < nb; b++) {
-        const __m256i w = _mm256_loadu_si256((const __m256i *)(qs + b * QK));
-        const __m256i w_abs = _mm256_sign_epi8(w, w);
-        const float d = fp16(dw[b]);
-        for (int i = 0; i < 4; i++) {
-            const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + i * K + b * QK));
-            const __m256 p = dot_u8s8(w_abs, _mm256_sign_epi8(x, w));
-            acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(d * xd[i * nb + b]), p, acc[i]);
-        }
-    }
-    for (int i = 0; i < 4; i++) out[i] = hsum(acc[i]);
-}
-
-/* ---------------------------------------------------------------- matrix products */
-
-/* Rows are taken in tiles small enough to stay in cache while every token passes over them. */
-#define ROW_TILE 16
+#define TILE_TOKENS 6
+/* Tokens whose int8 activations (96 x K bytes) stay in L2 while every row group passes over them. */
+#define TOKEN_CHUNK 96
 
 /* The activations as int8 blocks: q (M * K), then d and s (M * K / 32 each). */
 typedef struct {
@@ -174,50 +116,136 @@ static int quantize_rows(const float *x, int64_t M, int64_t K, Q8 *out) {
     return 0;
 }
 
-/* y (M, N) = x (M, K) W^T, W in q4 or q8 blocks (see below); bits 4 or 8 (a constant at each
- * call, so the compiler keeps one loop per kind). Returns 0, or -1 if out of memory. */
-static inline int matmul_blocks(int bits, const void *qs, const uint16_t *scales, const float *x, float *y, int64_t M,
-                                int64_t N, int64_t K) {
-    const int64_t nb = K / QK;
-    const int64_t tiles = (N + ROW_TILE - 1) / ROW_TILE;
-    Q8 a;
-    if (quantize_rows(x, M, K, &a)) return -1;
-#pragma omp parallel for schedule(static) if (M * N * nb >= PARALLEL_MIN_BLOCKS)
-    for (int64_t t = 0; t < tiles; t++) {
-        const int64_t end = (t + 1) * ROW_TILE < N ? (t + 1) * ROW_TILE : N;
-        int64_t m = 0;
-        for (; m + 4 <= M; m += 4) {
-            for (int64_t n = t * ROW_TILE; n < end; n++) {
-                float out[4];
-                if (bits == 4) {
-                    row_q4_x4((const uint8_t *)qs + n * nb * 16, scales + n * nb * 2, a.q + m * K, a.d + m * nb,
-                              a.s + m * nb, nb, K, out);
-                } else {
-                    row_q8_x4((const int8_t *)qs + n * K, scales + n * nb, a.q + m * K, a.d + m * nb, nb, K, out);
-                }
-                for (int i = 0; i < 4; i++) y[(m + i) * N + n] = out[i];
+/* Four int8 values of a token (bytes x[0..3]) in every 32-bit lane. */
+static inline __m256i quad(const int8_t *x) {
+    int32_t v;
+    memcpy(&v, x, 4);
+    return _mm256_set1_epi32(v);
+}
+
+/* acc (8 outputs of `rows` valid rows) -> y. */
+static inline void store_rows(float *y, __m256 acc, int rows) {
+    if (rows == 8) {
+        _mm256_storeu_ps(y, acc);
+    } else {
+        const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        _mm256_maskstore_ps(y, _mm256_cmpgt_epi32(_mm256_set1_epi32(rows), lane), acc);
+    }
+}
+
+/* y (T tokens, N apart) [8 rows] = T tokens of a (x: int8 q, d, s at token m) against one q4 group. */
+static inline __attribute__((always_inline)) void tile_q4(const int T, const uint8_t *w, const uint16_t *dm,
+                                                          const Q8 *a, int64_t m, int64_t nb, int64_t K, float *y,
+                                                          int64_t N, int rows) {
+    const int8_t *xq = a->q + m * K;
+    const float *xd = a->d + m * nb, *xs = a->s + m * nb;
+    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256 acc[TILE_TOKENS];
+    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        /* int16 lanes: each sums 16 products of at most 15 * 127, so never overflows. */
+        __m256i sum[TILE_TOKENS];
+        for (int j = 0; j < 4; j++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(w + b * 128 + 32 * j));
+            const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            for (int t = 0; t < T; t++) {
+                const int8_t *x = xq + t * K + b * QK + 4 * j;
+                const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, quad(x)), _mm256_maddubs_epi16(hi, quad(x + 16)));
+                sum[t] = j ? _mm256_add_epi16(sum[t], p) : p;
             }
         }
-        for (; m < M; m++) {
-            for (int64_t n = t * ROW_TILE; n < end; n++) {
-                y[m * N + n] = bits == 4 ? row_q4((const uint8_t *)qs + n * nb * 16, scales + n * nb * 2, a.q + m * K,
-                                                  a.d + m * nb, a.s + m * nb, nb)
-                                         : row_q8((const int8_t *)qs + n * K, scales + n * nb, a.q + m * K, a.d + m * nb, nb);
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + b * 16)));
+        const __m256 mins = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + b * 16 + 8)));
+        for (int t = 0; t < T; t++) {
+            const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum[t], ones));
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(dot, _mm256_set1_ps(xd[t * nb + b])), d, acc[t]);
+            acc[t] = _mm256_fmadd_ps(mins, _mm256_set1_ps(xs[t * nb + b]), acc[t]);
+        }
+    }
+    for (int t = 0; t < T; t++) store_rows(y + t * N, acc[t], rows);
+}
+
+static inline __attribute__((always_inline)) void tile_q8(const int T, const int8_t *w, const uint16_t *dw,
+                                                          const Q8 *a, int64_t m, int64_t nb, int64_t K, float *y,
+                                                          int64_t N, int rows) {
+    const int8_t *xq = a->q + m * K;
+    const float *xd = a->d + m * nb;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[TILE_TOKENS];
+    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i sum[TILE_TOKENS];
+        for (int j = 0; j < 8; j++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(w + b * 256 + 32 * j));
+            const __m256i v_abs = _mm256_abs_epi8(v);
+            for (int t = 0; t < T; t++) {
+                /* vpmaddubsw wants one unsigned operand: |w| * (x with w's sign). Two products of
+                 * 127 * 127 fill an int16, so each is widened to int32 at once. */
+                const __m256i p = _mm256_maddubs_epi16(v_abs, _mm256_sign_epi8(quad(xq + t * K + b * QK + 4 * j), v));
+                const __m256i p32 = _mm256_madd_epi16(p, ones);
+                sum[t] = j ? _mm256_add_epi32(sum[t], p32) : p32;
             }
+        }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dw + b * 8)));
+        for (int t = 0; t < T; t++) {
+            const __m256 dot = _mm256_cvtepi32_ps(sum[t]);
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(dot, _mm256_set1_ps(xd[t * nb + b])), d, acc[t]);
+        }
+    }
+    for (int t = 0; t < T; t++) store_rows(y + t * N, acc[t], rows);
+}
+
+/* Tokens [m, end) against one group; bits and T are constants at each call. */
+static inline __attribute__((always_inline)) void tile(int bits, int T, const void *w, const uint16_t *s, const Q8 *a,
+                                                       int64_t m, int64_t nb, int64_t K, float *y, int64_t N, int rows) {
+    if (bits == 4) {
+        tile_q4(T, w, s, a, m, nb, K, y + m * N, N, rows);
+    } else {
+        tile_q8(T, w, s, a, m, nb, K, y + m * N, N, rows);
+    }
+}
+
+static inline void group_tokens(int bits, const void *w, const uint16_t *s, const Q8 *a, int64_t m, int64_t end,
+                                int64_t nb, int64_t K, float *y, int64_t N, int rows) {
+    for (; m + TILE_TOKENS <= end; m += TILE_TOKENS) tile(bits, TILE_TOKENS, w, s, a, m, nb, K, y, N, rows);
+    switch (end - m) {
+    case 5: tile(bits, 5, w, s, a, m, nb, K, y, N, rows); break;
+    case 4: tile(bits, 4, w, s, a, m, nb, K, y, N, rows); break;
+    case 3: tile(bits, 3, w, s, a, m, nb, K, y, N, rows); break;
+    case 2: tile(bits, 2, w, s, a, m, nb, K, y, N, rows); break;
+    case 1: tile(bits, 1, w, s, a, m, nb, K, y, N, rows); break;
+    }
+}
+
+/* y (M, N) = x (M, K) W^T, W as q4 or q8 tiles; bits 4 or 8 (a constant at each call, so the
+ * compiler keeps one loop per kind). Returns 0, or -1 if out of memory. */
+static inline int matmul_tiles(int bits, const void *qs, const uint16_t *scales, const float *x, float *y, int64_t M,
+                               int64_t N, int64_t K) {
+    const int64_t nb = K / QK, groups = (N + 7) / 8;
+    const int64_t group_bytes = nb * (bits == 4 ? 128 : 256), group_scales = nb * (bits == 4 ? 16 : 8);
+    Q8 a;
+    if (quantize_rows(x, M, K, &a)) return -1;
+    /* Every thread meets the same chunks and takes the same groups of each (static, no wait). */
+#pragma omp parallel if (M * N * nb >= PARALLEL_MIN_BLOCKS)
+    for (int64_t chunk = 0; chunk < M; chunk += TOKEN_CHUNK) {
+        const int64_t end = chunk + TOKEN_CHUNK < M ? chunk + TOKEN_CHUNK : M;
+#pragma omp for schedule(static) nowait
+        for (int64_t g = 0; g < groups; g++) {
+            const int rows = N - 8 * g < 8 ? (int)(N - 8 * g) : 8;
+            group_tokens(bits, (const uint8_t *)qs + g * group_bytes, scales + g * group_scales, &a, chunk, end, nb, K,
+                         y + 8 * g, N, rows);
         }
     }
     free(a.q);
     return 0;
 }
 
-/* W (N, K) as q4 blocks: qs (N, K/32, 16) bytes, dm (N, K/32, 2) fp16 [d, m]. */
 int matmul_q4(const uint8_t *qs, const uint16_t *dm, const float *x, float *y, int64_t M, int64_t N, int64_t K) {
-    return matmul_blocks(4, qs, dm, x, y, M, N, K);
+    return matmul_tiles(4, qs, dm, x, y, M, N, K);
 }
 
-/* W (N, K) as q8 blocks: qs (N, K) int8, d (N, K/32) fp16. */
 int matmul_q8(const int8_t *qs, const uint16_t *d, const float *x, float *y, int64_t M, int64_t N, int64_t K) {
-    return matmul_blocks(8, qs, d, x, y, M, N, K);
+    return matmul_tiles(8, qs, d, x, y, M, N, K);
 }
 
 /* ---------------------------------------------------------------- elementwise */
