@@ -93,10 +93,13 @@ static void quantize_q8(const float *x, int64_t n_blocks, int8_t *q, float *d, f
  * One vpmaddubsw of such a vector against a token's four int8 values (broadcast) gives the 8 rows'
  * partial dot products in the register's lanes, so a block's sums for 8 rows and a token stay in
  * one register, are converted and scaled once a block, and are stored 8 outputs at a time --
- * rather than a horizontal sum and a scalar scale per row, block and token. A tile is 8 rows by
- * up to 6 tokens: 6 integer and 6 float sums fill the 16 vector registers with the operands. */
+ * rather than a horizontal sum and a scalar scale per row, block and token. A tile is 16 rows (two
+ * groups) by up to 4 tokens: each token's four values are broadcast once for both groups, and the
+ * 8 integer sums stay in registers with the operands (16 x 4 measured 8-20% faster than 8 x 6 on a
+ * 2-core Zen 3, 64 and 512 tokens). */
 
-#define TILE_TOKENS 6
+#define TILE_TOKENS 4
+#define TILE_GROUPS 2
 /* Tokens whose int8 activations (96 x K bytes) stay in L2 while every row group passes over them. */
 #define TOKEN_CHUNK 96
 
@@ -123,7 +126,7 @@ static inline __m256i quad(const int8_t *x) {
     return _mm256_set1_epi32(v);
 }
 
-/* acc (8 outputs of `rows` valid rows) -> y. */
+/* acc (8 outputs of which `rows` are real) -> y. */
 static inline void store_rows(float *y, __m256 acc, int rows) {
     if (rows == 8) {
         _mm256_storeu_ps(y, acc);
@@ -133,107 +136,145 @@ static inline void store_rows(float *y, __m256 acc, int rows) {
     }
 }
 
-/* y (T tokens, N apart) [8 rows] = T tokens of a (x: int8 q, d, s at token m) against one q4 group. */
-static inline __attribute__((always_inline)) void tile_q4(const int T, const uint8_t *w, const uint16_t *dm,
-                                                          const Q8 *a, int64_t m, int64_t nb, int64_t K, float *y,
-                                                          int64_t N, int rows) {
-    const int8_t *xq = a->q + m * K;
-    const float *xd = a->d + m * nb, *xs = a->s + m * nb;
+/* Where a tile is: its first group's weights and scales, the strides to the next group, the
+ * token it starts at and its outputs; rows: the real rows of its last group. */
+typedef struct {
+    const void *w;
+    const uint16_t *scales;
+    int64_t group_bytes, group_scales, m, nb, K, N;
+    float *y;
+    int rows;
+} Tile;
+
+/* y[T tokens, 8 G rows] of the tile, G groups of q4 weights. */
+static inline __attribute__((always_inline)) void tile_q4(const int T, const int G, const Tile *tl, const Q8 *a) {
+    const int64_t nb = tl->nb, K = tl->K;
+    const int8_t *xq = a->q + tl->m * K;
+    const float *xd = a->d + tl->m * nb, *xs = a->s + tl->m * nb;
     const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    __m256 acc[TILE_TOKENS];
-    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
+    __m256 acc[TILE_TOKENS][TILE_GROUPS];
+    for (int t = 0; t < T; t++)
+        for (int g = 0; g < G; g++) acc[t][g] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
         /* int16 lanes: each sums 16 products of at most 15 * 127, so never overflows. */
-        __m256i sum[TILE_TOKENS];
+        __m256i sum[TILE_TOKENS][TILE_GROUPS];
         for (int j = 0; j < 4; j++) {
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(w + b * 128 + 32 * j));
-            const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            __m256i lo[TILE_GROUPS], hi[TILE_GROUPS];
+            for (int g = 0; g < G; g++) {
+                const uint8_t *w = (const uint8_t *)tl->w + g * tl->group_bytes + b * 128 + 32 * j;
+                const __m256i v = _mm256_loadu_si256((const __m256i *)w);
+                lo[g] = _mm256_and_si256(v, low);
+                hi[g] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            }
             for (int t = 0; t < T; t++) {
                 const int8_t *x = xq + t * K + b * QK + 4 * j;
-                const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, quad(x)), _mm256_maddubs_epi16(hi, quad(x + 16)));
-                sum[t] = j ? _mm256_add_epi16(sum[t], p) : p;
+                const __m256i x_lo = quad(x), x_hi = quad(x + 16);
+                for (int g = 0; g < G; g++) {
+                    const __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo[g], x_lo), _mm256_maddubs_epi16(hi[g], x_hi));
+                    sum[t][g] = j ? _mm256_add_epi16(sum[t][g], p) : p;
+                }
             }
         }
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + b * 16)));
-        const __m256 mins = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + b * 16 + 8)));
-        for (int t = 0; t < T; t++) {
-            const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum[t], ones));
-            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(dot, _mm256_set1_ps(xd[t * nb + b])), d, acc[t]);
-            acc[t] = _mm256_fmadd_ps(mins, _mm256_set1_ps(xs[t * nb + b]), acc[t]);
-        }
-    }
-    for (int t = 0; t < T; t++) store_rows(y + t * N, acc[t], rows);
-}
-
-static inline __attribute__((always_inline)) void tile_q8(const int T, const int8_t *w, const uint16_t *dw,
-                                                          const Q8 *a, int64_t m, int64_t nb, int64_t K, float *y,
-                                                          int64_t N, int rows) {
-    const int8_t *xq = a->q + m * K;
-    const float *xd = a->d + m * nb;
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[TILE_TOKENS];
-    for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        __m256i sum[TILE_TOKENS];
-        for (int j = 0; j < 8; j++) {
-            const __m256i v = _mm256_loadu_si256((const __m256i *)(w + b * 256 + 32 * j));
-            const __m256i v_abs = _mm256_abs_epi8(v);
+        for (int g = 0; g < G; g++) {
+            const uint16_t *dm = tl->scales + g * tl->group_scales + b * 16;
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dm));
+            const __m256 mins = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + 8)));
             for (int t = 0; t < T; t++) {
-                /* vpmaddubsw wants one unsigned operand: |w| * (x with w's sign). Two products of
-                 * 127 * 127 fill an int16, so each is widened to int32 at once. */
-                const __m256i p = _mm256_maddubs_epi16(v_abs, _mm256_sign_epi8(quad(xq + t * K + b * QK + 4 * j), v));
-                const __m256i p32 = _mm256_madd_epi16(p, ones);
-                sum[t] = j ? _mm256_add_epi32(sum[t], p32) : p32;
+                const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum[t][g], ones));
+                acc[t][g] = _mm256_fmadd_ps(_mm256_mul_ps(dot, _mm256_set1_ps(xd[t * nb + b])), d, acc[t][g]);
+                acc[t][g] = _mm256_fmadd_ps(mins, _mm256_set1_ps(xs[t * nb + b]), acc[t][g]);
             }
         }
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dw + b * 8)));
-        for (int t = 0; t < T; t++) {
-            const __m256 dot = _mm256_cvtepi32_ps(sum[t]);
-            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(dot, _mm256_set1_ps(xd[t * nb + b])), d, acc[t]);
+    }
+    for (int t = 0; t < T; t++)
+        for (int g = 0; g < G; g++) store_rows(tl->y + t * tl->N + 8 * g, acc[t][g], g == G - 1 ? tl->rows : 8);
+}
+
+static inline __attribute__((always_inline)) void tile_q8(const int T, const int G, const Tile *tl, const Q8 *a) {
+    const int64_t nb = tl->nb, K = tl->K;
+    const int8_t *xq = a->q + tl->m * K;
+    const float *xd = a->d + tl->m * nb;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[TILE_TOKENS][TILE_GROUPS];
+    for (int t = 0; t < T; t++)
+        for (int g = 0; g < G; g++) acc[t][g] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i sum[TILE_TOKENS][TILE_GROUPS];
+        for (int j = 0; j < 8; j++) {
+            __m256i v[TILE_GROUPS], v_abs[TILE_GROUPS];
+            for (int g = 0; g < G; g++) {
+                const int8_t *w = (const int8_t *)tl->w + g * tl->group_bytes + b * 256 + 32 * j;
+                v[g] = _mm256_loadu_si256((const __m256i *)w);
+                v_abs[g] = _mm256_abs_epi8(v[g]);
+            }
+            for (int t = 0; t < T; t++) {
+                const __m256i x = quad(xq + t * K + b * QK + 4 * j);
+                for (int g = 0; g < G; g++) {
+                    /* vpmaddubsw wants one unsigned operand: |w| * (x with w's sign). Two products
+                     * of 127 * 127 fill an int16, so each pair is widened to int32 at once. */
+                    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(v_abs[g], _mm256_sign_epi8(x, v[g])), ones);
+                    sum[t][g] = j ? _mm256_add_epi32(sum[t][g], p) : p;
+                }
+            }
+        }
+        for (int g = 0; g < G; g++) {
+            const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(tl->scales + g * tl->group_scales + b * 8)));
+            for (int t = 0; t < T; t++) {
+                const __m256 dot = _mm256_cvtepi32_ps(sum[t][g]);
+                acc[t][g] = _mm256_fmadd_ps(_mm256_mul_ps(dot, _mm256_set1_ps(xd[t * nb + b])), d, acc[t][g]);
+            }
         }
     }
-    for (int t = 0; t < T; t++) store_rows(y + t * N, acc[t], rows);
+    for (int t = 0; t < T; t++)
+        for (int g = 0; g < G; g++) store_rows(tl->y + t * tl->N + 8 * g, acc[t][g], g == G - 1 ? tl->rows : 8);
 }
 
-/* Tokens [m, end) against one group; bits and T are constants at each call. */
-static inline __attribute__((always_inline)) void tile(int bits, int T, const void *w, const uint16_t *s, const Q8 *a,
-                                                       int64_t m, int64_t nb, int64_t K, float *y, int64_t N, int rows) {
+/* bits, T and G are constants at each call: the compiler keeps one loop per kind and shape. */
+static inline __attribute__((always_inline)) void tile(int bits, int T, int G, const Tile *tl, const Q8 *a) {
     if (bits == 4) {
-        tile_q4(T, w, s, a, m, nb, K, y + m * N, N, rows);
+        tile_q4(T, G, tl, a);
     } else {
-        tile_q8(T, w, s, a, m, nb, K, y + m * N, N, rows);
+        tile_q8(T, G, tl, a);
     }
 }
 
-static inline void group_tokens(int bits, const void *w, const uint16_t *s, const Q8 *a, int64_t m, int64_t end,
-                                int64_t nb, int64_t K, float *y, int64_t N, int rows) {
-    for (; m + TILE_TOKENS <= end; m += TILE_TOKENS) tile(bits, TILE_TOKENS, w, s, a, m, nb, K, y, N, rows);
-    switch (end - m) {
-    case 5: tile(bits, 5, w, s, a, m, nb, K, y, N, rows); break;
-    case 4: tile(bits, 4, w, s, a, m, nb, K, y, N, rows); break;
-    case 3: tile(bits, 3, w, s, a, m, nb, K, y, N, rows); break;
-    case 2: tile(bits, 2, w, s, a, m, nb, K, y, N, rows); break;
-    case 1: tile(bits, 1, w, s, a, m, nb, K, y, N, rows); break;
+/* Tokens [m, end) against G groups (1 or 2) starting at tl's. */
+static inline __attribute__((always_inline)) void tiles_over_tokens(int bits, int G, Tile tl, int64_t end, const Q8 *a) {
+    float *y = tl.y;
+    for (; tl.m + TILE_TOKENS <= end; tl.m += TILE_TOKENS) {
+        tl.y = y + tl.m * tl.N;
+        tile(bits, TILE_TOKENS, G, &tl, a);
+    }
+    tl.y = y + tl.m * tl.N;
+    switch (end - tl.m) {
+    case 3: tile(bits, 3, G, &tl, a); break;
+    case 2: tile(bits, 2, G, &tl, a); break;
+    case 1: tile(bits, 1, G, &tl, a); break;
     }
 }
 
-/* y (M, N) = x (M, K) W^T, W as q4 or q8 tiles; bits 4 or 8 (a constant at each call, so the
- * compiler keeps one loop per kind). Returns 0, or -1 if out of memory. */
+/* y (M, N) = x (M, K) W^T, W as q4 or q8 tiles; bits 4 or 8. Returns 0, or -1 if out of memory. */
 static inline int matmul_tiles(int bits, const void *qs, const uint16_t *scales, const float *x, float *y, int64_t M,
                                int64_t N, int64_t K) {
-    const int64_t nb = K / QK, groups = (N + 7) / 8;
+    const int64_t nb = K / QK, groups = (N + 7) / 8, pairs = (groups + 1) / 2;
     const int64_t group_bytes = nb * (bits == 4 ? 128 : 256), group_scales = nb * (bits == 4 ? 16 : 8);
     Q8 a;
     if (quantize_rows(x, M, K, &a)) return -1;
-    /* Every thread meets the same chunks and takes the same groups of each (static, no wait). */
+    /* Every thread meets the same chunks and takes the same pairs of each (static, no wait). */
 #pragma omp parallel if (M * N * nb >= PARALLEL_MIN_BLOCKS)
     for (int64_t chunk = 0; chunk < M; chunk += TOKEN_CHUNK) {
         const int64_t end = chunk + TOKEN_CHUNK < M ? chunk + TOKEN_CHUNK : M;
 #pragma omp for schedule(static) nowait
-        for (int64_t g = 0; g < groups; g++) {
-            const int rows = N - 8 * g < 8 ? (int)(N - 8 * g) : 8;
-            group_tokens(bits, (const uint8_t *)qs + g * group_bytes, scales + g * group_scales, &a, chunk, end, nb, K,
-                         y + 8 * g, N, rows);
+        for (int64_t p = 0; p < pairs; p++) {
+            const int64_t g = 2 * p;
+            const int last = g + 1 < groups ? (int)g + 1 : (int)g;
+            const Tile tl = {(const uint8_t *)qs + g * group_bytes, scales + g * group_scales, group_bytes, group_scales,
+                             chunk, nb, K, N, y + 8 * g, N - 8 * last < 8 ? (int)(N - 8 * last) : 8};
+            if (last > g) {
+                tiles_over_tokens(bits, 2, tl, end, &a);
+            } else {
+                tiles_over_tokens(bits, 1, tl, end, &a);
+            }
         }
     }
     free(a.q);
