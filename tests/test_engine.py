@@ -125,6 +125,14 @@ def test_token_id_prompts_and_output_shapes(llm):
     by_text, by_ids = llm.generate([PROMPTS[2], ids], SamplingParams(temperature=0, max_tokens=6))
     assert by_ids.prompt is None and by_ids.prompt_token_ids == ids
     assert by_ids.outputs[0].token_ids == by_text.outputs[0].token_ids
+    # vLLM's prompt dicts, as a list and alone
+    greedy = SamplingParams(temperature=0, max_tokens=6)
+    dicts = llm.generate([{"prompt": PROMPTS[2]}, {"prompt_token_ids": ids}], greedy)
+    assert [d.outputs[0].token_ids for d in dicts] == [by_text.outputs[0].token_ids] * 2
+    assert dicts[0].prompt == PROMPTS[2] and dicts[1].prompt_token_ids == ids
+    assert llm.generate({"prompt_token_ids": ids}, greedy)[0].outputs[0].token_ids == by_ids.outputs[0].token_ids
+    with pytest.raises(ValueError, match="'prompt' .* or 'prompt_token_ids'"):
+        llm.generate({"prompt": PROMPTS[2], "multi_modal_data": {}}, greedy)
     c = by_text.outputs[0]
     assert c.logprobs is None and c.cumulative_logprob is None
     with_lp = llm.generate([PROMPTS[2]], SamplingParams(temperature=0, max_tokens=6, logprobs=3))[0].outputs[0]

@@ -18,6 +18,8 @@ from pagedllm.outputs import RequestOutput
 from pagedllm.sampling_params import SamplingParams
 
 Message = dict[str, Any]
+# vLLM's prompt dicts (TextPrompt, TokensPrompt) are taken too: {"prompt": text} or {"prompt_token_ids": ids}.
+PromptInput = Prompt | dict[str, Any]
 
 
 class LLM:
@@ -35,13 +37,15 @@ class LLM:
 
     def generate(
         self,
-        prompts: Prompt | Sequence[Prompt],
+        prompts: PromptInput | Sequence[PromptInput],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (texts or token-id lists) together; outputs in input order."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        """Generate for every prompt (texts, token-id lists, or vLLM's {"prompt": ...} /
+        {"prompt_token_ids": ...} dicts) together; outputs in input order."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
+        prompts = [_unwrap(p) for p in prompts]
         params = sampling_params if sampling_params is not None else SamplingParams()
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
@@ -100,3 +104,15 @@ class LLM:
         finally:
             bar.close()
         return [finished[request_id] for request_id in request_ids]
+
+
+def _unwrap(prompt: PromptInput) -> Prompt:
+    """A prompt dict's text or token ids; anything else as given."""
+    if not isinstance(prompt, dict):
+        return prompt
+    keys = set(prompt)
+    if keys == {"prompt"} or keys == {"prompt_token_ids"}:
+        return prompt[keys.pop()]
+    raise ValueError(
+        f"a prompt dict takes one key, 'prompt' (text) or 'prompt_token_ids' (token ids); got {sorted(keys)}"
+    )
