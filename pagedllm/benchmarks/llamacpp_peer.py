@@ -7,8 +7,11 @@ live in its own virtual environment; it is an optional extra, never part of set-
     CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python     # builds llama.cpp, ~3-5 minutes
 
 The child reads {"model", "threads", "prompts", "output_len"} as JSON on stdin and prints
-{"seconds", "prompt_seconds", "decode_seconds"}: one sequence at a time (the high-level API has no
-batching), each prompt evaluated in one call, then output_len greedy tokens.
+{"seconds", "prompt_seconds", "decode_seconds"}. All the prompts run together, as llama.cpp's
+server runs parallel slots: one context with a sequence per prompt over a unified KV cache
+(llama.cpp's low-level batch API: `llama_batch` rows tagged with their sequence), the prompts
+evaluated in batches of up to 512 tokens, then one batch a step with every sequence's next token,
+greedy (argmax of its logits), EOS ignored. One prompt is llama.cpp's single stream.
 """
 
 from __future__ import annotations
@@ -24,29 +27,55 @@ INSTALL_HINT = (
     "environment, named with --peer-python"
 )
 
-# Runs in the child; standard library and llama_cpp only.
+# Runs in the child; standard library, numpy and llama_cpp only.
 _CHILD = r"""
 import json, sys, time
-import llama_cpp
+import numpy as np
+import llama_cpp as L
 
 job = json.load(sys.stdin)
-llm = llama_cpp.Llama(job["model"], n_ctx=job["n_ctx"], n_threads=job["threads"], n_threads_batch=job["threads"],
-                      n_batch=512, verbose=False)
-def run(prompt, n):
-    llm.reset()
+prompts, out_len, threads = job["prompts"], job["output_len"], job["threads"]
+L.llama_backend_init()
+model = L.llama_model_load_from_file(job["model"].encode(), L.llama_model_default_params())
+n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+params = L.llama_context_default_params()
+params.n_ctx = sum(len(p) + out_len for p in prompts) + 16
+params.n_batch = params.n_ubatch = 512
+params.n_seq_max = len(prompts)
+params.n_threads = params.n_threads_batch = threads
+params.kv_unified = True
+ctx = L.llama_init_from_model(model, params)
+batch = L.llama_batch_init(max(512, len(prompts)), 0, 1)
+
+def decode(rows):
+    # rows: (token, position, sequence, wants logits); returns the argmax of each row that wants them.
+    batch.n_tokens = len(rows)
+    for i, (token, pos, seq, out) in enumerate(rows):
+        batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, out
+        batch.seq_id[i][0] = seq
+    if L.llama_decode(ctx, batch) != 0:
+        raise RuntimeError("llama_decode failed")
+    wanted = sum(r[3] for r in rows)
+    logits = np.ctypeslib.as_array(L.llama_get_logits(ctx), shape=(wanted, n_vocab)) if wanted else None
+    return [] if logits is None else logits.argmax(axis=1).tolist()
+
+def generate(prompts):
+    L.llama_memory_clear(L.llama_get_memory(ctx), True)
     t0 = time.perf_counter()
-    llm.eval(prompt)
+    rows, last = [], {}
+    pending = [(t, pos, s, pos == len(p) - 1) for s, p in enumerate(prompts) for pos, t in enumerate(p)]
+    for start in range(0, len(pending), 512):
+        chunk = pending[start:start + 512]
+        for (_, _, s, _), token in zip([r for r in chunk if r[3]], decode(chunk)):
+            last[s] = token
     t1 = time.perf_counter()
-    for _ in range(n):
-        token = llm.sample(top_k=1, temp=0.0)
-        llm.eval([token])
+    for step in range(out_len - 1):
+        tokens = decode([(last[s], len(p) + step, s, True) for s, p in enumerate(prompts)])
+        last = dict(enumerate(tokens))
     return t1 - t0, time.perf_counter() - t1
-run(job["prompts"][0], 4)  # warm-up
-prompt_s = decode_s = 0.0
-for p in job["prompts"]:
-    a, b = run(p, job["output_len"])
-    prompt_s += a
-    decode_s += b
+
+generate([prompts[0][:8]])  # warm-up
+prompt_s, decode_s = generate(prompts)
 print(json.dumps({"seconds": prompt_s + decode_s, "prompt_seconds": prompt_s, "decode_seconds": decode_s}))
 """
 

@@ -71,7 +71,7 @@ def main(args: argparse.Namespace) -> list[dict]:
         # Before our engine exists: the child's exit hands the whole GPU back to us.
         vllm_run = _run_vllm(args, model, options, make_workloads(args, vocab, gpu) if vocab else None, gpu)
         if vllm_run is not None:
-            _wait_for_free_gpu_memory()
+            _wait_for_free_gpu_memory(args.tensor_parallel_size)
 
     start = time.perf_counter()
     llm = LLM(model, **options)
@@ -100,7 +100,7 @@ def main(args: argparse.Namespace) -> list[dict]:
         elif args.peer == "llamacpp":
             source = llm.engine.core.runner.config.source
             timing = llamacpp_peer.run(python, source, w.prompts, w.output_lens[0], torch.get_num_threads())
-            peer_name, peer = "llama.cpp (one sequence at a time)", timing["seconds"]
+            peer_name, peer = "llama.cpp (all sequences batched)", timing["seconds"]
         result = dict(
             engine="pagedllm", workload=w.name, model=args.model_config or model_name,
             dtype=str(dtype).removeprefix("torch."), quantization=options.get("quantization"),
@@ -231,16 +231,17 @@ def _hf_folder_for_vllm(args: argparse.Namespace, llm, dtype: torch.dtype, tmp: 
     return folder
 
 
-def _wait_for_free_gpu_memory(timeout: float = 30.0) -> None:
+def _wait_for_free_gpu_memory(num_gpus: int, timeout: float = 30.0) -> None:
     """The driver frees a dead process's memory with a short delay: do not size our KV cache
-    from a GPU that still holds vLLM's."""
+    from a GPU that still holds vLLM's (every GPU the ranks use)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        free, total = torch.cuda.mem_get_info()
-        if free >= 0.9 * total:
+        memory = [torch.cuda.mem_get_info(d) for d in range(num_gpus)]
+        if all(free >= 0.9 * total for free, total in memory):
             return
         time.sleep(0.5)
-    print(f"warning: only {free / 2**30:.1f} of {total / 2**30:.1f} GiB of GPU memory is free after vLLM exited", flush=True)
+    print("warning: only " + ", ".join(f"{free / 2**30:.1f} of {total / 2**30:.1f} GiB" for free, total in memory)
+          + " of GPU memory free after vLLM exited", flush=True)
 
 
 def _figures(w: Workload, seconds: float) -> dict:
