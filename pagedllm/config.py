@@ -72,6 +72,7 @@ class EngineArgs:
     skip_tokenizer_init: bool = False  # token-id prompts only; outputs carry no text
     async_scheduling: str = "auto"  # on: schedule step N+1 while the device runs step N; auto = on
     quantization: str | None = None  # CPU: gguf (a GGUF's own 4-bit weights), int4, int8; None = dense
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype (float16 with CPU quantized compute); or a dtype
 
     def __post_init__(self) -> None:
         dtype = _DTYPE_ALIASES.get(self.dtype, self.dtype)
@@ -99,6 +100,10 @@ class EngineArgs:
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         if self.async_scheduling not in ("auto", "on", "off"):
             raise ValueError(f"async_scheduling must be auto, on or off, got {self.async_scheduling!r}")
+        kv_dtype = _DTYPE_ALIASES.get(self.kv_cache_dtype, self.kv_cache_dtype)
+        if kv_dtype != "auto" and kv_dtype not in DTYPES:
+            raise ValueError(f"kv_cache_dtype must be auto, {', '.join(DTYPES)}; got {self.kv_cache_dtype!r}")
+        object.__setattr__(self, "kv_cache_dtype", kv_dtype)
         if self.quantization not in (None, "gguf", "int4", "int8"):
             raise ValueError(f"quantization must be gguf, int4 or int8 (or unset for dense weights); got {self.quantization!r}")
         if self.tensor_parallel_size < 1:
@@ -139,6 +144,7 @@ class ModelConfig:
     max_model_len: int
     tensor_parallel_size: int = 1
     tensor_parallel_rank: int = 0  # which rank's share of the heads this process holds
+    kv_cache_dtype: Any = None  # torch.dtype of the KV cache; None = dtype
 
     def __post_init__(self) -> None:
         n, kv_heads = self.tensor_parallel_size, self.num_kv_heads
@@ -150,6 +156,10 @@ class ModelConfig:
             )
         if not 0 <= self.tensor_parallel_rank < n:
             raise ValueError(f"tensor_parallel_rank {self.tensor_parallel_rank} is not in [0, {n})")
+
+    @property
+    def cache_dtype(self) -> Any:
+        return self.kv_cache_dtype or self.dtype
 
     @property
     def num_layers(self) -> int:

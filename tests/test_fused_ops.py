@@ -161,18 +161,20 @@ def _decode_metadata(block_tables: torch.Tensor, seq_lens: list[int]) -> Attenti
 @pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(9, 3, 64), (4, 4, 100), (8, 1, 128)])
 @pytest.mark.parametrize("sliding_window", [None, 20])
 @pytest.mark.parametrize("batch", [4, 40])
-def test_cpu_paged_decode_attention(num_heads, num_kv_heads, head_dim, sliding_window, batch):
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_cpu_paged_decode_attention(num_heads, num_kv_heads, head_dim, sliding_window, batch, cache_dtype):
     """The CPU kernels' cache write and decode attention (blocks read in place) against the torch
     backend's (gathered, padded, masked): GQA groups, a head dim with a tail, contexts of several
     lengths over scattered blocks, a sliding window, and v a strided view of a qkv output. A few
-    sequences split their kv heads over threads; many are one task each."""
+    sequences split their kv heads over threads; many are one task each. A float16 cache is
+    written with the same rounding as torch's and read back into float32 arithmetic."""
     ops = _cpu_ops()
     lens = [[1, 37, 90, 16][b % 4] + b % 7 for b in range(batch)]
     num_blocks = 6 * batch + 16
     tables = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(5))[: 6 * batch].int().view(batch, 6)
     meta = _decode_metadata(tables, lens)
-    k_cache = randn(num_blocks, 16, num_kv_heads, head_dim, dtype=torch.float32, seed=6)
-    v_cache = randn(num_blocks, 16, num_kv_heads, head_dim, dtype=torch.float32, seed=7)
+    k_cache = randn(num_blocks, 16, num_kv_heads, head_dim, dtype=cache_dtype, seed=6)
+    v_cache = randn(num_blocks, 16, num_kv_heads, head_dim, dtype=cache_dtype, seed=7)
     query = randn(batch, num_heads, head_dim, dtype=torch.float32, seed=8)
     kv = randn(batch, 3 * num_kv_heads * head_dim, dtype=torch.float32, seed=9)  # [k | v | other]
     key = kv[:, : num_kv_heads * head_dim].view(batch, num_kv_heads, head_dim)

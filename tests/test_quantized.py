@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pagedllm import LLM, SamplingParams
+from pagedllm.config import EngineArgs
 from pagedllm.layers import cpu_kernels
 from pagedllm.layers.cpu_kernels import Q4Blocks, Q8Blocks, Tiles
 from pagedllm.layers.quantized_linear import (
@@ -30,6 +31,7 @@ from pagedllm.layers.quantized_linear import (
 )
 from pagedllm.loader.gguf import iter_gguf_weights
 from pagedllm.loader.quantize import quantize_model, read_gguf_blocks
+from pagedllm.worker.kv_cache import resolve_kv_cache_dtype
 from reference import check_logprobs_close, hf_greedy
 
 needs_fast_kernel = pytest.mark.skipif(kernel_dtype() is None, reason="no AVX2: quantized layers stay dense")
@@ -195,6 +197,7 @@ def test_llama_decode_step_in_one_call_gives_the_layers_outputs():
     bit for bit, over a batch of sequences of different lengths (prefills take the layers)."""
     llm = LLM(dtype="float32", quantization="gguf", kv_cache_memory="64MiB", max_model_len=512)
     model = llm.engine.core.runner.model.model
+    assert model.layers[0].self_attn.attn.k_cache.dtype == torch.float16  # auto: a half cache, as llama.cpp
     prompts = ["The capital of France is", "def fibonacci(n):\n    ", "List three colors:" * 5]
     params = SamplingParams(temperature=0, max_tokens=12, logprobs=3, ignore_eos=True)
     fused = llm.generate(prompts, params, use_tqdm=False)
@@ -212,3 +215,29 @@ def test_llama_decode_step_stays_layered_where_it_does_not_fit(llm):
     """A dense float32 model (the session's `llm`) keeps its layers: the C step needs Q4 products."""
     llm.generate(["Hello"], SamplingParams(max_tokens=2), use_tqdm=False)
     assert llm.engine.core.runner.model.model._cpu_decode is False
+
+
+def test_kv_cache_dtype_resolution():
+    """auto: the model's dtype, or float16 under CPU quantized compute in float32; a GPU cache must
+    be the model's dtype (its kernels read that), said plainly."""
+    assert resolve_kv_cache_dtype("auto", torch.float32, "cpu", "gguf") == torch.float16
+    assert resolve_kv_cache_dtype("auto", torch.float32, "cpu", None) == torch.float32
+    assert resolve_kv_cache_dtype("auto", torch.bfloat16, "cuda", None) == torch.bfloat16
+    assert resolve_kv_cache_dtype("float16", torch.float32, "cpu", None) == torch.float16
+    assert resolve_kv_cache_dtype("float32", torch.float32, "cpu", "gguf") == torch.float32
+    with pytest.raises(ValueError, match="the GPU attention kernels read a cache of the model's dtype"):
+        resolve_kv_cache_dtype("float16", torch.bfloat16, "cuda:0", None)
+    with pytest.raises(ValueError, match="kv_cache_dtype must be auto"):
+        EngineArgs(kv_cache_dtype="fp8")
+
+
+def test_float16_kv_cache_of_a_dense_model_matches_hf(hf_model, caplog):
+    """kv_cache_dtype=float16 on a dense float32 model: the cache is half (the log says so), the
+    CPU kernels and torch's prefill read it back, and greedy tokens stay HF's."""
+    with caplog.at_level(logging.INFO, logger="pagedllm"):
+        llm = LLM(dtype="float32", kv_cache_dtype="float16", kv_cache_memory="64MiB", max_model_len=512)
+    assert "GiB float16, cpu" in caplog.text
+    prompts = ["The capital of France is", "def fibonacci(n):\n    "]
+    for output in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, logprobs=3), use_tqdm=False):
+        hf_tokens, hf_logprobs = hf_greedy(hf_model, output.prompt_token_ids, 8)
+        check_logprobs_close(output.outputs[0], hf_tokens, hf_logprobs, atol=0.02)

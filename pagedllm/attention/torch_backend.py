@@ -5,7 +5,9 @@ Decodes are batched: their K/V are gathered through the block tables into a padd
 one sequence at a time (causal with an offset: the chunk's queries sit at the end
 of the context). On the CPU in float32 the cache write and the decodes go through
 pagedllm's compiled kernels instead (layers/cpu_ops.py: the blocks are read in place),
-where they run; prefills stay on torch's SDPA.
+where they run; prefills stay on torch's SDPA. The cache may be kept in another dtype than
+the model's (kv_cache_dtype: float16 on a float32 CPU model): written rounded to it, read
+back in the query's.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ def write_kv_cache(
     key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     num_kv_heads, head_dim = key.shape[1], key.shape[2]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
 
 
 def gather_blocks(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
@@ -56,6 +58,8 @@ class TorchAttentionBackend:
     def forward(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                 sliding_window: int | None = None) -> torch.Tensor:
         cpu_ops = cpu_ops_for(query)
+        if cpu_ops is not None and k_cache.dtype not in cpu_ops.CACHE_DTYPES:  # (a bfloat16 cache)
+            cpu_ops = None
         write = write_kv_cache if cpu_ops is None else cpu_ops.write_kv_cache
         write(key, value, k_cache, v_cache, meta.slot_mapping)
         nd = meta.num_decode_tokens
@@ -79,8 +83,9 @@ class TorchAttentionBackend:
     def _prefill(query, k_cache, v_cache, block_table, seq_len: int, scale: float,
                  sliding_window: int | None = None) -> torch.Tensor:
         q_len = query.shape[0]
-        k = gather_context(k_cache, block_table, seq_len).transpose(0, 1)  # (Hkv, L, D)
-        v = gather_context(v_cache, block_table, seq_len).transpose(0, 1)
+        # (Hkv, L, D), in the query's dtype where the cache is kept in another (kv_cache_dtype)
+        k = gather_context(k_cache, block_table, seq_len).transpose(0, 1).to(query.dtype)
+        v = gather_context(v_cache, block_table, seq_len).transpose(0, 1).to(query.dtype)
         q = query.transpose(0, 1)  # (H, Q, D)
         if q_len == seq_len and sliding_window is None:
             mask = None
@@ -115,6 +120,7 @@ class TorchAttentionBackend:
         # (slots, Hkv, D) -> (B, L, Hkv, D) -> (B, Hkv, L, D)
         k = k_cache.flatten(0, 1).index_select(0, plan.flat_slots).view(nd, max_len, *k_cache.shape[2:]).transpose(1, 2)
         v = v_cache.flatten(0, 1).index_select(0, plan.flat_slots).view(nd, max_len, *v_cache.shape[2:]).transpose(1, 2)
+        k, v = k.to(query.dtype), v.to(query.dtype)
         q = query.unsqueeze(2)  # (B, H, 1, D)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=plan.mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
         return o.squeeze(2)

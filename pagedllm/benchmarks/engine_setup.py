@@ -24,6 +24,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="engine: schedule step N+1 while step N runs (default: auto)")
     parser.add_argument("--quantization", choices=["gguf", "int4", "int8"], default=None,
                         help="engine on CPU: compute on quantized weights (default: dense)")
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                        help="engine: KV cache dtype (default: auto, the model's; float16 with CPU quantized compute)")
     parser.add_argument("--output-json", default=None, help="append one JSON line per figure to this file")
 
 
@@ -33,6 +35,7 @@ def engine_options(args: argparse.Namespace, gpu: bool, folder: str) -> tuple[st
         dtype=args.dtype, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         enforce_eager=args.enforce_eager, attention_backend=args.attention_backend, seed=0,
         async_scheduling=args.async_scheduling, tensor_parallel_size=args.tensor_parallel_size,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     if args.quantization:
         options["quantization"] = args.quantization

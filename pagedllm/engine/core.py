@@ -68,11 +68,12 @@ class EngineCore:
             cache=cache,
         )
         logger.info(
-            "KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %s); max_model_len %d; prefix caching %s",
+            "KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB %s, %s); max_model_len %d; prefix caching %s",
             cache.num_blocks,
             cache.block_size,
             cache.num_tokens,
             self.executor.kv_cache_bytes(cache.block_size) / 2**30,
+            str(model.config.cache_dtype).removeprefix("torch."),
             device,
             max_model_len,
             "on" if cache.enable_prefix_caching else "off",

@@ -10,7 +10,8 @@ layers/triton_ops.py is on CUDA, with the same functions, so a layer asks `fused
     gelu_tanh_and_mul   [gate | up] -> gelu_tanh(gate) * up     torch: chunk, gelu, mul
 
 and for the torch attention backend on CPU: the paged KV cache write and decode attention
-reading the cache blocks in place (torch gathers them into a padded copy first).
+reading the cache blocks in place (torch gathers them into a padded copy first), on float32 or
+float16 caches (CACHE_DTYPES; float16 halves the bytes a decode step reads, rounded at the write).
 
 Each is one call where torch takes several, each of which costs 5-30 µs on a small CPU
 whatever its size: at batch 1 that fixed cost, not arithmetic, is most of a decode step.
@@ -24,6 +25,8 @@ from __future__ import annotations
 import torch
 
 from pagedllm.layers.cpu_kernels import lib
+
+CACHE_DTYPES = (torch.float32, torch.float16)  # the KV caches the kernels read and write
 
 
 def _rows(t: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -90,7 +93,13 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
                    slot_mapping: torch.Tensor) -> None:  # fmt: skip
     """key, value (T, Hkv, D) to their slots of the (num_blocks, block_size, Hkv, D) caches."""
     lib().write_kv(key.data_ptr(), _heads(key), value.data_ptr(), _heads(value), k_cache.data_ptr(), v_cache.data_ptr(),
-                   slot_mapping.data_ptr(), key.shape[0], key.shape[1] * key.shape[2])  # fmt: skip
+                   slot_mapping.data_ptr(), key.shape[0], key.shape[1] * key.shape[2], _half(k_cache))  # fmt: skip
+
+
+def _half(cache: torch.Tensor) -> int:
+    if cache.dtype not in CACHE_DTYPES:
+        raise ValueError(f"the CPU kernels read float32 or float16 KV caches, not {cache.dtype}")
+    return int(cache.dtype == torch.float16)
 
 
 def context_arrays(block_tables: torch.Tensor, seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,6 +118,7 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     status = lib().paged_decode_attention(
         query.data_ptr(), _heads(query), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.stride(0),
         lens.data_ptr(), batch, heads, k_cache.shape[2], dim, k_cache.shape[1], scale, sliding_window or 0, out.data_ptr(),
+        _half(k_cache),
     )
     if status:
         raise MemoryError("out of memory for attention scores")

@@ -20,6 +20,7 @@ from pagedllm.distributed import SINGLE_RANK, TensorParallelGroup, building_for
 from pagedllm.layers.cpu_packed import pack_model
 from pagedllm.loader.checkpoint import Checkpoint, GGUFCheckpoint, open_checkpoint
 from pagedllm.models import get_model_class
+from pagedllm.worker.kv_cache import resolve_kv_cache_dtype
 
 logger = logging.getLogger("pagedllm")
 
@@ -95,15 +96,17 @@ def _open(args: EngineArgs, rank: int, world_size: int) -> tuple[Checkpoint, Mod
     max_len = checkpoint.max_position_embeddings
     if args.max_model_len is not None:
         max_len = args.max_model_len
+    dtype = resolve_dtype(args.dtype, checkpoint.hf_config, device)
     config = ModelConfig(
         name=checkpoint.name,
         source=checkpoint.source,
         hf_config=checkpoint.hf_config,
-        dtype=resolve_dtype(args.dtype, checkpoint.hf_config, device),
+        dtype=dtype,
         device=device,
         max_model_len=max_len,
         tensor_parallel_size=world_size,
         tensor_parallel_rank=rank,
+        kv_cache_dtype=resolve_kv_cache_dtype(args.kv_cache_dtype, dtype, device, args.quantization),
     )
     return checkpoint, config
 

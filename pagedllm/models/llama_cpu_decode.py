@@ -7,9 +7,9 @@ of kernels a token against ~10 ms of Python). `decode_layers` runs the same kern
 order as the layers' forward does on this path, so the outputs are the same numbers.
 
 It applies to a LlamaModel whose layers are all plain Llama layers (RMSNorm, LlamaAttention
-without biases, sliding window or q/k norms, SiLU-gated MLP) on one rank, in float32, with the
-four products as pagedllm's Q4 blocks (quantization=gguf or int4); `build` returns None for
-anything else, and the layers run as usual.
+without biases, sliding window or q/k norms, SiLU-gated MLP) on one rank, in float32 (the KV
+cache float32 or float16), with the four products as pagedllm's Q4 blocks (quantization=gguf
+or int4); `build` returns None for anything else, and the layers run as usual.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ class CpuDecodeLayers:
         """For these layers and activations, or None if they do not fit (see the module doc)."""
         from pagedllm.models.llama import LlamaAttention  # (llama imports this module)
 
-        if cpu_ops_for(x) is None or lib() is None or not len(layers):
+        ops = cpu_ops_for(x)
+        if ops is None or lib() is None or not len(layers) or layers[0].self_attn.attn.k_cache.dtype not in ops.CACHE_DTYPES:
             return None
         for layer in layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -68,11 +69,12 @@ class CpuDecodeLayers:
         positions = positions.long()
         tables, lens = context_arrays(meta.block_tables, meta.seq_lens)
         slots = meta.slot_mapping.long()
+        cache = self.layers[0].self_attn.attn.k_cache  # (num_blocks, block_size, kv heads, dim), float32 or float16
         status = lib().decode_layers(
             self._layer_table(), len(self.layers), x.data_ptr(), residual.data_ptr(), x.shape[0], self.hidden,
             self.heads, self.kv_heads, self.dim, self.inter, self.eps, positions.data_ptr(), self.cos_sin.data_ptr(),
-            slots.data_ptr(), tables.data_ptr(), tables.stride(0), lens.data_ptr(), self.layers[0].self_attn.attn.k_cache.shape[1],
-            self.scale,
+            slots.data_ptr(), tables.data_ptr(), tables.stride(0), lens.data_ptr(), cache.shape[1], self.scale,
+            int(cache.dtype == torch.float16),
         )
         if status:
             raise MemoryError("out of memory for a decode step's activations")

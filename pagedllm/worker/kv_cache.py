@@ -13,8 +13,23 @@ logger = logging.getLogger("pagedllm")
 KVCaches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
+def resolve_kv_cache_dtype(requested: str, dtype: torch.dtype, device: str, quantization: str | None) -> torch.dtype:
+    """The KV cache's dtype: the model's, or float16 for auto with CPU quantized compute in float32
+    (llama.cpp's default cache type: half the bytes a decode step reads, logprobs within ~1e-3),
+    or what was asked -- on a GPU only the model's (its attention kernels read that)."""
+    if requested == "auto":
+        return torch.float16 if device == "cpu" and quantization is not None and dtype == torch.float32 else dtype
+    kv_dtype = getattr(torch, requested)
+    if device != "cpu" and kv_dtype != dtype:
+        raise ValueError(
+            f"kv_cache_dtype {requested} differs from the model's dtype {str(dtype).removeprefix('torch.')}: the GPU "
+            "attention kernels read a cache of the model's dtype; leave kv_cache_dtype auto"
+        )
+    return kv_dtype
+
+
 def bytes_per_block(config: ModelConfig, block_size: int) -> int:
-    element = torch.empty(0, dtype=config.dtype).element_size()
+    element = torch.empty(0, dtype=config.cache_dtype).element_size()
     return 2 * config.num_layers * block_size * config.num_local_kv_heads * config.head_dim * element
 
 
@@ -42,6 +57,7 @@ def allocate_kv_cache(config: ModelConfig, block_size: int, num_blocks: int) -> 
         )
     shape = (num_blocks, block_size, config.num_local_kv_heads, config.head_dim)
     return [
-        (torch.zeros(shape, dtype=config.dtype, device=config.device), torch.zeros(shape, dtype=config.dtype, device=config.device))
+        (torch.zeros(shape, dtype=config.cache_dtype, device=config.device),
+         torch.zeros(shape, dtype=config.cache_dtype, device=config.device))
         for _ in range(config.num_layers)
     ]

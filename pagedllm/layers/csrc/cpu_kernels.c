@@ -404,32 +404,61 @@ void rotary(float *x, int64_t x_stride, int64_t tokens, int64_t heads, int64_t d
 
 /* Token t's key and value rows (row floats each, rows k_stride / v_stride apart) to cache slot
  * slots[t] of k_cache / v_cache (num_slots, row); a slot of -1 (padding) is skipped. */
-void write_kv(const float *k, int64_t k_stride, const float *v, int64_t v_stride, float *k_cache, float *v_cache,
-              const int64_t *slots, int64_t tokens, int64_t row) {
+/* A row of n floats into a cache row of float32, or of float16 (half: rounded to nearest). */
+static inline void store_row(void *dst, const float *src, int64_t n, int half) {
+    if (!half) {
+        memcpy(dst, src, n * sizeof(float));
+        return;
+    }
+    uint16_t *d = dst;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(d + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < n; i++) d[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
+}
+
+/* k, v (tokens, row) -> the caches' rows slots[t] (skipped where negative); half: float16 caches. */
+void write_kv(const float *k, int64_t k_stride, const float *v, int64_t v_stride, void *k_cache, void *v_cache,
+              const int64_t *slots, int64_t tokens, int64_t row, int half) {
+    const int64_t size = half ? 2 : 4;
     for (int64_t t = 0; t < tokens; t++) {
         if (slots[t] < 0) continue;
-        memcpy(k_cache + slots[t] * row, k + t * k_stride, row * sizeof(float));
-        memcpy(v_cache + slots[t] * row, v + t * v_stride, row * sizeof(float));
+        store_row((char *)k_cache + slots[t] * row * size, k + t * k_stride, row, half);
+        store_row((char *)v_cache + slots[t] * row * size, v + t * v_stride, row, half);
     }
+}
+
+/* 8 cache values from p (float32, or float16 where half) as floats; one value. */
+static inline __m256 load8(const void *p, int half) {
+    return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)) : _mm256_loadu_ps((const float *)p);
+}
+
+static inline float load1(const void *p, int64_t i, int half) {
+    return half ? _cvtsh_ss(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* The cache element i of a float32 or float16 cache. */
+static inline const void *element(const void *cache, int64_t i, int half) {
+    return (const char *)cache + i * (half ? 2 : 4);
 }
 
 #define MAX_CHUNK 64 /* at most this many tokens (of one block) are scored at a time */
 
 /* Scores of `group` query heads (qg, dim apart) against n keys (rows `row` apart), eight keys at
  * a time with their sums reduced together: scores[h * MAX_CHUNK + i] = scale q_h . k_i. */
-static void score_chunk(const float *qg, int64_t group, int64_t dim, const float *K, int64_t row, int64_t n,
-                        float scale, float *scores) {
+static inline __attribute__((always_inline)) void score_chunk(const float *qg, int64_t group, int64_t dim, const void *K,
+                                                              int64_t row, int64_t n, float scale, float *scores, int half) {
     for (int64_t h = 0; h < group; h++) {
         const float *qh = qg + h * dim;
         for (int64_t i0 = 0; i0 < n; i0 += 8) {
-            const float *k[8];
-            for (int j = 0; j < 8; j++) k[j] = K + (i0 + j < n ? i0 + j : n - 1) * row;
+            const void *k[8];
+            for (int j = 0; j < 8; j++) k[j] = element(K, (i0 + j < n ? i0 + j : n - 1) * row, half);
             __m256 a[8];
             for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
             int64_t d = 0;
             for (; d + 8 <= dim; d += 8) {
                 const __m256 qv = _mm256_loadu_ps(qh + d);
-                for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[j] + d), a[j]);
+                for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qv, load8(element(k[j], d, half), half), a[j]);
             }
             const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
             const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
@@ -437,7 +466,7 @@ static void score_chunk(const float *qg, int64_t group, int64_t dim, const float
             float s8[8];
             _mm256_storeu_ps(s8, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
             for (int j = 0; j < 8 && i0 + j < n; j++) {
-                for (int64_t e = d; e < dim; e++) s8[j] += qh[e] * k[j][e];
+                for (int64_t e = d; e < dim; e++) s8[j] += qh[e] * load1(k[j], e, half);
                 scores[h * MAX_CHUNK + i0 + j] = s8[j] * scale;
             }
         }
@@ -466,33 +495,37 @@ static void softmax_chunk(float *sc, int64_t n, float *top, float *total, float 
 }
 
 /* o += sum_i p[i] v_i over n value rows (`row` apart), 64 columns at a time held in registers. */
-static void accumulate_values(const float *p, const float *V, int64_t row, int64_t n, float *o, int64_t dim) {
+static inline __attribute__((always_inline)) void accumulate_values(const float *p, const void *V, int64_t row, int64_t n,
+                                                                    float *o, int64_t dim, int half) {
     int64_t d = 0;
     for (; d + 64 <= dim; d += 64) {
         __m256 acc[8];
         for (int c = 0; c < 8; c++) acc[c] = _mm256_loadu_ps(o + d + 8 * c);
         for (int64_t i = 0; i < n; i++) {
             const __m256 pv = _mm256_set1_ps(p[i]);
-            const float *v = V + i * row + d;
-            for (int c = 0; c < 8; c++) acc[c] = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + 8 * c), acc[c]);
+            const void *v = element(V, i * row + d, half);
+            for (int c = 0; c < 8; c++) acc[c] = _mm256_fmadd_ps(pv, load8(element(v, 8 * c, half), half), acc[c]);
         }
         for (int c = 0; c < 8; c++) _mm256_storeu_ps(o + d + 8 * c, acc[c]);
     }
     for (; d + 8 <= dim; d += 8) {
         __m256 acc = _mm256_loadu_ps(o + d);
-        for (int64_t i = 0; i < n; i++) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[i]), _mm256_loadu_ps(V + i * row + d), acc);
+        for (int64_t i = 0; i < n; i++)
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(p[i]), load8(element(V, i * row + d, half), half), acc);
         _mm256_storeu_ps(o + d, acc);
     }
     for (; d < dim; d++)
-        for (int64_t i = 0; i < n; i++) o[d] += p[i] * V[i * row + d];
+        for (int64_t i = 0; i < n; i++) o[d] += p[i] * load1(V, i * row + d, half);
 }
 
 /* One sequence's query heads of kv heads [g0, g1) over its cached tokens [start, len), block by
  * block (each block's rows read once for all those heads), with an online softmax. scratch:
  * (g1 - g0) * group * (MAX_CHUNK + 2) floats. */
-static void attend(const float *q, int64_t group, int64_t dim, const float *k_cache, const float *v_cache,
-                   const int32_t *table, int64_t start, int64_t len, int64_t kv_heads, int64_t g0, int64_t g1,
-                   int64_t block_size, float scale, float *out, float *scratch) {
+static inline __attribute__((always_inline)) void attend(const float *q, int64_t group, int64_t dim, const void *k_cache,
+                                                         const void *v_cache, const int32_t *table, int64_t start,
+                                                         int64_t len, int64_t kv_heads, int64_t g0, int64_t g1,
+                                                         int64_t block_size, float scale, float *out, float *scratch,
+                                                         int half) {
     const int64_t heads = (g1 - g0) * group, row = kv_heads * dim;
     float *scores = scratch, *top = scores + heads * MAX_CHUNK, *total = top + heads;
     for (int64_t h = 0; h < heads; h++) { top[h] = -INFINITY; total[h] = 0.0f; }
@@ -506,11 +539,12 @@ static void attend(const float *q, int64_t group, int64_t dim, const float *k_ca
         for (int64_t g = g0; g < g1; g++) {
             const int64_t h0 = (g - g0) * group;
             float *sc = scores + h0 * MAX_CHUNK;
-            score_chunk(q + h0 * dim, group, dim, k_cache + base + g * dim, row, n, scale, sc);
+            score_chunk(q + h0 * dim, group, dim, element(k_cache, base + g * dim, half), row, n, scale, sc, half);
             for (int64_t h = 0; h < group; h++)
                 softmax_chunk(sc + h * MAX_CHUNK, n, top + h0 + h, total + h0 + h, out + (h0 + h) * dim, dim);
             for (int64_t h = 0; h < group; h++)
-                accumulate_values(sc + h * MAX_CHUNK, v_cache + base + g * dim, row, n, out + (h0 + h) * dim, dim);
+                accumulate_values(sc + h * MAX_CHUNK, element(v_cache, base + g * dim, half), row, n, out + (h0 + h) * dim,
+                                  dim, half);
         }
         t0 += n;
     }
@@ -523,12 +557,12 @@ static void attend(const float *q, int64_t group, int64_t dim, const float *k_ca
 /* One new token per sequence: out[b, h] = softmax(scale q[b, h] . K) V over the sequence's first
  * seq_lens[b] cached tokens (the last `window` of them if window > 0), read in place from the
  * blocks of block_tables[b]. q (B, H, dim) rows q_stride apart per sequence; caches
- * (num_blocks, block_size, kv_heads, dim); out (B, H, dim) contiguous. Returns 0, or -1 if out of
- * memory. */
-int paged_decode_attention(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
+ * (num_blocks, block_size, kv_heads, dim), float32 or (half) float16; out (B, H, dim) contiguous.
+ * Returns 0, or -1 if out of memory. */
+int paged_decode_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache,
                            const int32_t *block_tables, int64_t table_stride, const int32_t *seq_lens, int64_t B,
                            int64_t H, int64_t kv_heads, int64_t dim, int64_t block_size, float scale, int64_t window,
-                           float *out) {
+                           float *out, int half) {
     const int64_t group = H / kv_heads;
     int64_t work = 0;
     for (int64_t b = 0; b < B; b++) work += seq_lens[b];
@@ -545,8 +579,17 @@ int paged_decode_attention(const float *q, int64_t q_stride, const float *k_cach
             if (scratch == NULL) continue;
             const int64_t b = task / split, g0 = task % split * per_task, len = seq_lens[b];
             const int64_t start = window > 0 && len > window ? len - window : 0;
-            attend(q + b * q_stride + g0 * group * dim, group, dim, k_cache, v_cache, block_tables + b * table_stride,
-                   start, len, kv_heads, g0, g0 + per_task, block_size, scale, out + (b * H + g0 * group) * dim, scratch);
+            const float *qb = q + b * q_stride + g0 * group * dim;
+            const int32_t *table = block_tables + b * table_stride;
+            float *ob = out + (b * H + g0 * group) * dim;
+            /* one loop per cache type (half is constant in each call) */
+            if (half) {
+                attend(qb, group, dim, k_cache, v_cache, table, start, len, kv_heads, g0, g0 + per_task, block_size, scale, ob,
+                       scratch, 1);
+            } else {
+                attend(qb, group, dim, k_cache, v_cache, table, start, len, kv_heads, g0, g0 + per_task, block_size, scale, ob,
+                       scratch, 0);
+            }
         }
         free(scratch);
     }
@@ -560,7 +603,7 @@ typedef struct {
     const float *input_norm, *post_norm;
     const uint8_t *qkv_qs, *o_qs, *gate_up_qs, *down_qs;
     const uint16_t *qkv_dm, *o_dm, *gate_up_dm, *down_dm;
-    float *k_cache, *v_cache;
+    void *k_cache, *v_cache;
 } DecoderLayer;
 
 /* Every decoder layer of a Llama-shaped model (RMSNorm, q/k/v with rotary, GQA attention on the
@@ -568,11 +611,11 @@ typedef struct {
  * instead of a few hundred Python-level ones -- the same kernels in the same order as the layers'
  * own forward on this path, so the same numbers. x (B, hidden): the embeddings in, the last
  * layer's output out; residual (B, hidden): zeros in (the first layer's residual is x), the
- * running residual out. Returns 0, or -1 if out of memory. */
+ * running residual out; half: float16 caches. Returns 0, or -1 if out of memory. */
 int decode_layers(const DecoderLayer *layers, int64_t num_layers, float *x, float *residual, int64_t B, int64_t hidden,
                   int64_t heads, int64_t kv_heads, int64_t dim, int64_t inter, float eps, const int64_t *positions,
                   const float *cos_sin, const int64_t *slots, const int32_t *block_tables, int64_t table_stride,
-                  const int32_t *seq_lens, int64_t block_size, float scale) {
+                  const int32_t *seq_lens, int64_t block_size, float scale, int half) {
     const int64_t width = (heads + 2 * kv_heads) * dim;  /* a token's q | k | v */
     float *h = malloc(B * (hidden + width + heads * dim + 3 * inter) * sizeof(float));
     if (h == NULL) return -1;
@@ -584,9 +627,9 @@ int decode_layers(const DecoderLayer *layers, int64_t num_layers, float *x, floa
         status |= matmul_q4(L->qkv_qs, L->qkv_dm, h, qkv, B, width, hidden);
         rotary(qkv, width, B, heads + kv_heads, dim, positions, cos_sin);
         write_kv(qkv + heads * dim, width, qkv + (heads + kv_heads) * dim, width, L->k_cache, L->v_cache, slots, B,
-                 kv_heads * dim);
+                 kv_heads * dim, half);
         status |= paged_decode_attention(qkv, width, L->k_cache, L->v_cache, block_tables, table_stride, seq_lens, B,
-                                         heads, kv_heads, dim, block_size, scale, 0, attn);
+                                         heads, kv_heads, dim, block_size, scale, 0, attn, half);
         status |= matmul_q4(L->o_qs, L->o_dm, attn, x, B, hidden, heads * dim);
         rms_norm(x, hidden, residual, hidden, L->post_norm, eps, h, residual, B, hidden);
         status |= matmul_q4(L->gate_up_qs, L->gate_up_dm, h, gate_up, B, 2 * inter, hidden);
