@@ -25,6 +25,9 @@ _VARIABLES: dict[str, Callable[[], Any]] = {
     "PAGEDLLM_TRACEBACK": lambda: os.environ.get("PAGEDLLM_TRACEBACK") == "1",  # commands: tracebacks for user errors too
     # "0": every tensor-parallel all-reduce goes through NCCL (distributed/symmetric_all_reduce.py)
     "PAGEDLLM_SYMMETRIC_ALL_REDUCE": lambda: os.environ.get("PAGEDLLM_SYMMETRIC_ALL_REDUCE", "1") != "0",
+    # "0": a tensor-parallel Llama all-reduces each sublayer's output before its residual add + RMSNorm,
+    # instead of one kernel for the three (layers/all_reduce_norm.py)
+    "PAGEDLLM_FUSED_ALL_REDUCE_NORM": lambda: os.environ.get("PAGEDLLM_FUSED_ALL_REDUCE_NORM", "1") != "0",
     # "0": dense CPU matmuls read the plain weights (F.linear) instead of oneDNN-reordered ones (layers/cpu_packed.py)
     "PAGEDLLM_CPU_PACKED_LINEAR": lambda: os.environ.get("PAGEDLLM_CPU_PACKED_LINEAR", "1") != "0",
     # tensor-parallel workers write a torch.profiler trace of steps PAGEDLLM_PROFILE_STEPS here (executor/step_trace.py)

@@ -9,14 +9,16 @@ then data parallelism through the server. JSON lines under $OUT (or --out).
    vLLM's check_logprobs_close rule (tokens equal until a first difference where each side's
    token is among the other's top-5; then they may diverge). The checkpoint (16 GB) is written
    once to --workdir.
-3. bench: `pagedllm bench throughput|latency --model-config llama-8b --tensor-parallel-size 1|2`.
+3. bench: `pagedllm bench all --model-config llama-8b --tensor-parallel-size 1|2` (TP=2 also with
+   PAGEDLLM_FUSED_ALL_REDUCE_NORM=0); with --vllm-site, vLLM at the same TP size in the same process
+   (`--peer vllm`).
 4. dp: `pagedllm serve` smollm2-135m (dummy weights) with (--data-parallel-size, --api-server-count)
    (1, 1), (1, 2), (2, 1), (2, 2), each under `pagedllm bench serve --client-processes 16` (one client
    process reads only ~20k tok/s) with the same 3,072 requests; the
    ratio of output token throughput of DP=2 (two API servers) over DP=1 (one, and two).
 
 Every step runs in its own process (the GPUs are empty between them). Lines written:
-$OUT/tp_equal.jsonl, $OUT/tp_bench.jsonl, $OUT/dp_bench.jsonl; a PASS/FAIL line per check.
+$OUT/tp_equal.jsonl, $OUT/tp_bench_{tp1,tp2,tp2_unfused}.jsonl, $OUT/dp_bench.jsonl; a PASS/FAIL line per check.
 """
 
 from __future__ import annotations
@@ -149,13 +151,17 @@ def check_equal(name: str, dtype: str, workdir: str, out_dir: str, num_layers: i
 # -- 3: offline speed ------------------------------------------------------------------------------
 
 
-def bench_tp(out_dir: str, quick: bool) -> None:
-    for tp in (1, 2):
-        for workload in ("throughput", "latency"):
-            extra = ["--num-prompts", "64"] if quick and workload == "throughput" else []
-            _python("-m", "pagedllm.benchmarks.offline", workload, "--model-config", "llama-8b", "--tensor-parallel-size", str(tp),
-                    "--peer", "none", "--gpu-memory-utilization", "0.85", "--output-json", os.path.join(out_dir, "tp_bench.jsonl"), *extra,
-                    check=False)
+def bench_tp(out_dir: str, quick: bool, vllm_site: str | None) -> None:
+    """TP=1, TP=2, and TP=2 with the fused all-reduce + norm switched off, each in one process
+    (throughput then latency); with vllm_site, vLLM at the same TP size runs first in the first
+    two (`--peer vllm`: the same token ids, its ratio in our JSON line)."""
+    rows = [("tp1", 1, {}), ("tp2", 2, {}), ("tp2_unfused", 2, {"PAGEDLLM_FUSED_ALL_REDUCE_NORM": "0"})]
+    for label, tp, env in rows:
+        peer = ["--peer", "vllm", "--vllm-site", vllm_site] if vllm_site and not env else ["--peer", "none"]
+        extra = ["--num-prompts", "64"] if quick else []
+        _python("-m", "pagedllm.benchmarks.offline", "all", "--model-config", "llama-8b", "--tensor-parallel-size", str(tp),
+                *peer, "--gpu-memory-utilization", "0.85", "--output-json", os.path.join(out_dir, f"tp_bench_{label}.jsonl"), *extra,
+                check=False, env=env, timeout=420 if vllm_site else 180)
 
 
 # -- 4: data parallelism through the server ------------------------------------------------------
@@ -202,9 +208,15 @@ def bench_dp(out_dir: str, workdir: str, quick: bool) -> None:
 # -- plumbing ------------------------------------------------------------------------------------
 
 
-def _python(*args: str, check: bool = True) -> None:
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "PAGEDLLM_NO_PROGRESS": "1"}
-    done = subprocess.run([sys.executable, *args], env=env, cwd=ROOT)
+def _python(*args: str, check: bool = True, env: dict[str, str] | None = None, timeout: float | None = None) -> None:
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "PAGEDLLM_NO_PROGRESS": "1", **(env or {})}
+    try:
+        done = subprocess.run([sys.executable, *args], env=env, cwd=ROOT, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"TIMEOUT after {timeout:.0f} s: {' '.join(args[:4])} ...", flush=True)
+        if check:
+            raise
+        return
     if check and done.returncode != 0:
         raise RuntimeError(f"{' '.join(args[:4])} ... exited with code {done.returncode}")
 
@@ -221,6 +233,8 @@ def main() -> int:
     parser.add_argument("--workdir", default=None, help="checkpoints and scratch files (default: a new temporary folder)")
     parser.add_argument("--skip", default="", help="comma-separated steps to skip: equal-small, equal-8b, bench, dp")
     parser.add_argument("--quick", action="store_true", help="fewer layers and requests: a smoke test of the script")
+    parser.add_argument("--vllm-site", default=None,
+                        help="bench: vLLM 0.26.0 unpacked here (scripts/gpu_vllm_parts.sh) runs beside TP=1 and TP=2")
     parser.add_argument("--folder"), parser.add_argument("--tp", type=int), parser.add_argument("--dtype")
     parser.add_argument("--result")
     opts = parser.parse_args()
@@ -234,7 +248,7 @@ def main() -> int:
     steps = [
         ("equal-small", lambda: check_equal("small", "float32", workdir, opts.out, None)),
         ("equal-8b", lambda: check_equal("llama-8b", "bfloat16", workdir, opts.out, 4 if opts.quick else None)),
-        ("bench", lambda: bench_tp(opts.out, opts.quick)),
+        ("bench", lambda: bench_tp(opts.out, opts.quick, opts.vllm_site)),
         ("dp", lambda: bench_dp(opts.out, workdir, opts.quick)),
     ]
     for name, step in steps:

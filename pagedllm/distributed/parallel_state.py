@@ -53,6 +53,15 @@ class TensorParallelGroup:
         dist.all_reduce(x, group=self.group)
         return x
 
+    def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                                half: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """x summed over ranks, plus the residual, RMS-normed: (normed, new residual) from one
+        kernel, or None where that kernel does not run (no symmetric memory, x too large):
+        then all_reduce and norm as usual. half: see SymmetricAllReduce.add_rms_norm."""
+        if self.small_all_reduce is None:
+            return None
+        return self.small_all_reduce.add_rms_norm(x, residual, weight, eps, half)
+
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """(T, n) on each rank -> (T, world_size * n): rank r's columns at [r * n, (r + 1) * n)."""
         if self.world_size == 1:

@@ -93,12 +93,17 @@ class RowParallelLinear(nn.Linear):
         self.tp = tp
         self.input_slice = input_slice  # (first column, count) of this rank's inputs
         self.full_in_features = in_features
+        # False: forward returns this rank's partial sum, and the RMSNorm after it sums over the
+        # ranks, fused with its residual add (layers/all_reduce_norm.py; only without a bias).
+        self.reduce_results = True
         if tp.world_size > 1:
             self.weight.weight_loader = self._load_columns  # the bias is whole on every rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.world_size == 1:
             return F.linear(x, self.weight, self.bias)
+        if not self.reduce_results:
+            return F.linear(x, self.weight)  # (T, out), this rank's partial sum
         y = self.tp.all_reduce(F.linear(x, self.weight))  # (T, out), summed over ranks
         return y if self.bias is None else y + self.bias
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.layers.fused import fused_ops_for
+
+if TYPE_CHECKING:
+    from pagedllm.layers.all_reduce_norm import DeferredAllReduce
 
 
 class RMSNorm(nn.Module):
@@ -14,6 +19,9 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        # Set when x arrives as this rank's partial sum, its all-reduce left to this norm
+        # (layers/all_reduce_norm.py); always with a residual.
+        self.deferred_all_reduce: DeferredAllReduce | None = None
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and x.device.type == "cpu":
@@ -28,6 +36,12 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """norm(x), or with a residual: (norm(x + residual), x + residual)."""
+        deferred = self.deferred_all_reduce
+        if deferred is not None:  # sum x over the ranks first: in the same kernel where it can
+            fused = deferred.tp.all_reduce_add_rms_norm(x, residual, self.weight, self.eps, deferred.half)
+            if fused is not None:
+                return fused
+            x = deferred.tp.all_reduce(x)
         # One fused kernel (CUDA, CPU float32); not for a subclass whose _norm computes something else.
         ops = fused_ops_for(x)
         if ops is not None and type(self)._norm is RMSNorm._norm:

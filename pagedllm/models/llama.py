@@ -16,6 +16,7 @@ from torch import nn
 
 from pagedllm.attention import AttentionMetadata
 from pagedllm.layers.activation import SiluAndMul
+from pagedllm.layers.all_reduce_norm import defer_all_reduces
 from pagedllm.layers.attention import PagedAttention
 from pagedllm.layers.linear import ColumnParallelLinear, RowParallelLinear
 from pagedllm.layers.norm import RMSNorm
@@ -100,11 +101,14 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, attention_class) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self._cpu_decode: CpuDecodeLayers | bool | None = None
+        self._all_reduces_deferred: bool | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None  # (T, hidden)
         if self._cpu_decode is None:  # decided at the first step: whether the layers fit (llama_cpu_decode.py)
             self._cpu_decode = CpuDecodeLayers.build(self.layers, x) or False
+        if self._all_reduces_deferred is None:  # at the first step, once quantization has swapped its layers
+            self._all_reduces_deferred = defer_all_reduces(self._sublayer_boundaries())
         if self._cpu_decode and meta.num_decodes == meta.num_seqs:
             x, residual = self._cpu_decode(positions, x, meta)
         else:
@@ -112,6 +116,15 @@ class LlamaModel(nn.Module):
                 x, residual = layer(positions, x, residual, meta)
         x, _ = self.norm(x, residual)
         return x
+
+    def _sublayer_boundaries(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(a sublayer's row-parallel output layer, the norm its output meets next), in data-flow order."""
+        next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
+        return [
+            pair
+            for layer, next_norm in zip(self.layers, next_norms)
+            for pair in ((layer.self_attn.o_proj, layer.post_attention_layernorm), (layer.mlp.down_proj, next_norm))
+        ]
 
 
 class LlamaForCausalLM(nn.Module):
