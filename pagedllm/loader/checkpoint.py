@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -47,30 +47,42 @@ class Checkpoint:
 
 @dataclass
 class GGUFCheckpoint(Checkpoint):
+    """A GGUF file: its header (metadata and tensor table) is read once and serves the config,
+    the tokenizer, the weights and the quantized layers' blocks."""
+
     path: str
     name: str
 
     @cached_property
-    def _meta(self):
-        from pagedllm.loader.gguf import load_gguf_config_and_tokenizer
+    def header(self):
+        from pagedllm.loader.gguf import read_gguf_header
 
-        return load_gguf_config_and_tokenizer(self.path)
+        return read_gguf_header(self.path)
 
     @property
     def source(self) -> str:
         return self.path
 
-    @property
+    @cached_property
     def hf_config(self):
-        return self._meta.config
+        from pagedllm.loader.gguf import build_config
 
-    def weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        return build_config(self.header)
+
+    def weights(self, dtype: torch.dtype, skip: Collection[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+        """skip: tensors not to read (those a quantized model computes on as stored)."""
         from pagedllm.loader.gguf import iter_gguf_weights
 
-        return iter_gguf_weights(self.path, dtype)
+        return iter_gguf_weights(self.header, dtype, skip)
 
     def tokenizer(self):
-        return self._meta.tokenizer
+        return self._tokenizer
+
+    @cached_property
+    def _tokenizer(self):
+        from pagedllm.loader.gguf_tokenizer import build_tokenizer
+
+        return build_tokenizer(self.header.metadata)
 
 
 @dataclass

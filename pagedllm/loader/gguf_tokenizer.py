@@ -6,10 +6,14 @@ rebuild the byte-level BPE from those in one pass (transformers' converter takes
 re-parsing the 49k-entry vocabulary).
 """
 
-from typing import Any
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+
+if TYPE_CHECKING:  # imported when a tokenizer is built: importing transformers costs seconds
+    from transformers import PreTrainedTokenizerFast
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
@@ -61,6 +65,8 @@ NORMALIZERS = {"qwen2": normalizers.NFC}
 def build_tokenizer(metadata: dict[str, Any]) -> PreTrainedTokenizerFast:
     """The tokenizer a GGUF describes, with its special tokens and chat template: byte-level BPE
     (tokenizer.ggml.model "gpt2") or Gemma's SentencePiece-style BPE ("llama" in a gemma file)."""
+    from transformers import PreTrainedTokenizerFast
+
     kind, architecture = metadata.get("tokenizer.ggml.model"), metadata.get("general.architecture", "")
     tokens = metadata["tokenizer.ggml.tokens"]
     if kind == "gpt2":

@@ -135,16 +135,22 @@ def load_model(args: EngineArgs, tp: TensorParallelGroup = SINGLE_RANK) -> Loade
     model_class = get_model_class(checkpoint.hf_config)
     with _no_init(device, dtype), building_for(tp):
         model = model_class(checkpoint.hf_config)
+    num_params = sum(p.numel() for p in model.parameters())  # before quantizing and packing turn weights into buffers
+    from_gguf_blocks = args.quantization == "gguf" and isinstance(checkpoint, GGUFCheckpoint)
+    taken: set[str] = set()  # tensors the quantized layers hold as the file's blocks: not read again
+    if from_gguf_blocks:
+        from pagedllm.loader.quantize import quantize_before_loading
+
+        taken = quantize_before_loading(model, checkpoint.header)
     if args.load_format == "dummy":
         _init_dummy_weights(model, args.seed)
     else:
-        weights = checkpoint.weights(dtype)
+        weights = checkpoint.weights(dtype, taken) if taken else checkpoint.weights(dtype)
         if tp.rank == 0:  # one progress bar, whatever the number of ranks
             weights = _with_progress(weights, checkpoint.num_tensors, "loading weights")
         model.load_weights((name, tensor.to(dtype)) for name, tensor in weights)
     model.eval().requires_grad_(False)
-    num_params = sum(p.numel() for p in model.parameters())  # before packing turns weights into buffers
-    if args.quantization is not None:
+    if args.quantization is not None and not from_gguf_blocks:
         from pagedllm.loader.quantize import quantize_model
 
         quantize_model(model, args.quantization, checkpoint.path if isinstance(checkpoint, GGUFCheckpoint) else None)

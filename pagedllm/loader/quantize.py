@@ -1,5 +1,7 @@
-"""`quantization=gguf|int4|int8`: swap a loaded model's linear layers for ones that compute on
+"""`quantization=gguf|int4|int8`: swap a model's linear layers for ones that compute on
 quantized weights (layers/quantized_linear.py), and say which layer computes in which format.
+int4 and int8 quantize the loaded weights; gguf swaps before the weights are loaded, and the
+loader then skips the tensors the quantized layers hold as blocks (never dequantized).
 
     gguf  the GGUF file's Q4_0 / Q4_1 matrices as they are stored (no rounding of the values),
           and with pagedllm's kernels its Q8_0 logits table (the LM head, or the tied
@@ -17,6 +19,8 @@ from __future__ import annotations
 import collections
 import logging
 import mmap
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,7 +28,7 @@ from torch import nn
 from pagedllm.layers.cpu_kernels import BLOCK, Q4Blocks, Q8Blocks
 from pagedllm.layers.quantized_linear import (
     BLOCK_BYTES,
-        QUANTIZATIONS,
+    QUANTIZATIONS,
     BlockLinear,
     blocks_from_gguf,
     kernel_dtype,
@@ -32,32 +36,33 @@ from pagedllm.layers.quantized_linear import (
 )
 from pagedllm.layers.vocab_parallel import logits_table
 
+if TYPE_CHECKING:
+    from pagedllm.loader.gguf import GGUFHeader
+
 logger = logging.getLogger("pagedllm")
 
 
-def read_gguf_blocks(path: str) -> dict[str, Q4Blocks | Q8Blocks]:
-    """The Q4_0 / Q4_1 / Q8_0 matrices of a GGUF file as blocks, by transformers parameter name
-    (q/k rows put back in HF order, as the dequantizing loader does)."""
+def read_gguf_blocks(source: str | GGUFHeader) -> dict[str, Q4Blocks | Q8Blocks]:
+    """The Q4_0 / Q4_1 / Q8_0 matrices of a GGUF file (its path, or its header once read) as
+    blocks, by transformers parameter name (q/k rows put back in HF order, as the dequantizing
+    loader does). Each matrix's bytes are read once, from a map of the file, into its blocks."""
     from pagedllm.loader import gguf
 
-    header = gguf.read_gguf_header(path)
-    arch = gguf._architecture(header)
-    heads = {}
-    if arch.permuted_qk:
-        prefix = header.architecture + ".attention."
-        num_heads = header.metadata[prefix + "head_count"]
-        heads = {"attn_q": num_heads, "attn_k": header.metadata.get(prefix + "head_count_kv", num_heads)}
+    header = source if isinstance(source, gguf.GGUFHeader) else gguf.read_gguf_header(source)
+    arch, heads = gguf.architecture_of(header), gguf.permuted_heads(header)
     out = {}
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        for info in header.tensors:
-            if info.ggml_type not in BLOCK_BYTES or len(info.shape) != 2:
-                continue
-            raw = torch.frombuffer(bytearray(data[info.offset : info.offset + info.nbytes]), dtype=torch.uint8)
-            blocks = raw.view(info.shape[0], -1, BLOCK_BYTES[info.ggml_type])  # (N, K / 32, bytes)
-            kind = info.name.split(".")[-2]
-            if kind in heads:  # a permutation of whole rows: the same on blocks as on values
-                blocks = gguf._unpermute_rotary(blocks, heads[kind])
-            out[arch.hf_name(info.name)] = blocks_from_gguf(blocks, info.ggml_type)
+    with open(header.path, "rb") as f:
+        # Copy-on-write, as torch wants a writable buffer; never written: blocks_from_gguf copies out of it.
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    for info in header.tensors:
+        if info.ggml_type not in BLOCK_BYTES or len(info.shape) != 2:
+            continue
+        raw = torch.frombuffer(data, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
+        blocks = raw.view(info.shape[0], -1, BLOCK_BYTES[info.ggml_type])  # (N, K / 32, bytes)
+        kind = info.name.split(".")[-2]
+        if kind in heads:  # a permutation of whole rows: the same on blocks as on values
+            blocks = gguf._unpermute_rotary(blocks, heads[kind])
+        out[arch.hf_name(info.name)] = blocks_from_gguf(blocks, info.ggml_type)
     return out
 
 
@@ -82,11 +87,28 @@ def _fits(layer: nn.Linear, method: str, compute: torch.dtype) -> bool:
 
 
 def quantize_model(model: nn.Module, method: str, gguf_path: str | None = None, capability: str | None = None) -> dict[str, int]:
-    """Swap the linear layers in place; returns {format: number of layers}, which is logged."""
-    if method not in QUANTIZATIONS:
-        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}; got {method!r}")
+    """Swap the linear layers of a loaded model in place; returns {format: number of layers}, which is logged."""
     if method == "gguf" and gguf_path is None:
         raise ValueError("quantization=gguf computes on a GGUF file's own 4-bit weights: load a .gguf model, or use int4 or int8")
+    return _swap_layers(model, method, gguf_path, capability).formats
+
+
+def quantize_before_loading(model: nn.Module, gguf: GGUFHeader, capability: str | None = None) -> set[str]:
+    """quantization=gguf on a model built but not yet loaded: the quantized layers take the file's
+    blocks and nothing from the dense weights, so the loader skips their tensors, which are then
+    never dequantized. Returns those tensors' (transformers) names."""
+    return _swap_layers(model, "gguf", gguf, capability).taken
+
+
+@dataclass(frozen=True)
+class _Swapped:
+    formats: dict[str, int]  # format -> number of linear layers
+    taken: set[str]  # checkpoint tensors the quantized layers hold as blocks (method gguf)
+
+
+def _swap_layers(model: nn.Module, method: str, gguf: str | GGUFHeader | None, capability: str | None) -> _Swapped:
+    if method not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}; got {method!r}")
     layers = _linear_layers(model)
     dense_format = str(next(model.parameters()).dtype).removeprefix("torch.")
     compute = kernel_dtype(capability)
@@ -95,14 +117,16 @@ def quantize_model(model: nn.Module, method: str, gguf_path: str | None = None, 
             "quantization=%s: no fast quantized kernel on this %s (needs an x86 CPU with AVX2); layers stay %s",
             method, torch.backends.cpu.get_cpu_capability(), dense_format,
         )
-        return {dense_format: len(layers)}
-    packed = read_gguf_blocks(gguf_path) if method == "gguf" else {}
+        return _Swapped({dense_format: len(layers)}, set())
+    packed = read_gguf_blocks(gguf) if method == "gguf" else {}
     stacked = getattr(type(model), "stacked_weights", [])
     formats: collections.Counter = collections.Counter()
     kinds: dict[str, set[str]] = collections.defaultdict(set)
+    taken: set[str] = set()
     for name, layer in layers:
         parent_name, _, leaf = name.rpartition(".")
-        parts = [packed.get(p) for p in _gguf_parts(name, stacked)] if method == "gguf" else []
+        part_names = _gguf_parts(name, stacked) if method == "gguf" else []
+        parts = [packed.get(p) for p in part_names]
         # Dense stay: GGUF layers with a part that is not Q4, and shapes the kernel cannot take.
         fits = _fits(layer, method, compute) and all(isinstance(p, Q4Blocks) for p in parts)
         fmt = ("int8" if method == "int8" else "int4") if fits else dense_format
@@ -110,8 +134,14 @@ def quantize_model(model: nn.Module, method: str, gguf_path: str | None = None, 
         kinds[fmt].add(leaf)
         if fmt != dense_format:
             weight = Q4Blocks.cat(parts) if parts else None
-            setattr(model.get_submodule(parent_name), leaf, quantized_from(layer, weight, fmt, compute))
-    head = _quantized_logits(model, packed) if compute == torch.float32 else None
+            quantized = quantized_from(layer, weight, fmt, compute)
+            if layer.bias is not None:  # the same parameter, which a loader still to come fills (its shard slices)
+                quantized.bias = layer.bias
+            setattr(model.get_submodule(parent_name), leaf, quantized)
+            taken.update(part_names)
+    head, head_taken = _quantized_logits(model, packed) if compute == torch.float32 else (None, None)
+    if head_taken:
+        taken.add(head_taken)
     summary = "; ".join(f"{n} layers {fmt} ({', '.join(sorted(kinds[fmt]))})" for fmt, n in formats.items())
     logger.info(
         "quantization=%s: %s; %s; embedding %s, LM head %s",
@@ -121,17 +151,19 @@ def quantize_model(model: nn.Module, method: str, gguf_path: str | None = None, 
         dense_format,
         head or dense_format,
     )
-    return dict(formats)
+    return _Swapped(dict(formats), taken)
 
 
-def _quantized_logits(model: nn.Module, packed: dict[str, Q4Blocks | Q8Blocks]) -> str | None:
-    """Score logits on the GGUF's own Q8_0 table, if it has one: its format, else None."""
+def _quantized_logits(model: nn.Module, packed: dict[str, Q4Blocks | Q8Blocks]) -> tuple[str | None, str | None]:
+    """Score logits on the GGUF's own Q8_0 table, if it has one. Returns (its format, else None;
+    the table's tensor name where the dense table is no longer needed, else None)."""
     table = logits_table(model)
     name = next((n for n, m in model.named_modules() if m is table), None)
     blocks = packed.get(f"{name}.weight") if table is not None and table.tp.world_size == 1 else None
     if not isinstance(blocks, Q8Blocks) or blocks.shape != tuple(table.weight.shape):
-        return None
+        return None, None
     table.logits_layer = BlockLinear(blocks)
-    if not getattr(model, "tie_word_embeddings", False):  # scored only through logits(): the blocks are enough
-        table.weight.data = table.weight.data.new_empty(0, table.weight.shape[1])
-    return "int8 (GGUF Q8_0)"
+    if getattr(model, "tie_word_embeddings", False):  # lookups still read the dense table
+        return "int8 (GGUF Q8_0)", None
+    table.weight.data = table.weight.data.new_empty(0, table.weight.shape[1])  # scored only through logits()
+    return "int8 (GGUF Q8_0)", f"{name}.weight"
