@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import mmap
 
 import torch
 
@@ -56,8 +58,14 @@ def allocate_kv_cache(config: ModelConfig, block_size: int, num_blocks: int) -> 
             "no memory left for the KV cache: raise kv_cache_memory (CPU) or gpu_memory_utilization (GPU)"
         )
     shape = (num_blocks, block_size, config.num_local_kv_heads, config.head_dim)
-    return [
-        (torch.zeros(shape, dtype=config.cache_dtype, device=config.device),
-         torch.zeros(shape, dtype=config.cache_dtype, device=config.device))
-        for _ in range(config.num_layers)
-    ]
+    return [(_zeros(shape, config), _zeros(shape, config)) for _ in range(config.num_layers)]
+
+
+def _zeros(shape: tuple[int, ...], config: ModelConfig) -> torch.Tensor:
+    """On the CPU, zeros from an anonymous memory map: the kernel hands its pages out zeroed as they
+    are first written, so start-up does not write the whole cache (1 GiB took ~0.5 s on 2 cores)
+    and resident memory grows with the blocks in use."""
+    if config.device != "cpu":
+        return torch.zeros(shape, dtype=config.cache_dtype, device=config.device)
+    element_size = torch.empty(0, dtype=config.cache_dtype).element_size()
+    return torch.frombuffer(mmap.mmap(-1, math.prod(shape) * element_size), dtype=config.cache_dtype).view(shape)
