@@ -8,8 +8,9 @@ live in its own virtual environment; it is an optional extra, never part of set-
 
 The child reads {"model", "threads", "prompts", "output_len"} as JSON on stdin and prints
 {"seconds", "prompt_seconds", "decode_seconds"}. All the prompts run together, as llama.cpp's
-server runs parallel slots: one context with a sequence per prompt over a unified KV cache
-(llama.cpp's low-level batch API: `llama_batch` rows tagged with their sequence), the prompts
+server runs parallel slots: one context with a sequence per prompt, each its own KV stream
+(llama.cpp's low-level batch API: `llama_batch` rows tagged with their sequence; a unified cache
+would make every token attend over all sequences' cells, masked, 64x the work here), the prompts
 evaluated in batches of up to 512 tokens, then one batch a step with every sequence's next token,
 greedy (argmax of its logits), EOS ignored. One prompt is llama.cpp's single stream.
 """
@@ -39,11 +40,11 @@ L.llama_backend_init()
 model = L.llama_model_load_from_file(job["model"].encode(), L.llama_model_default_params())
 n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
 params = L.llama_context_default_params()
-params.n_ctx = sum(len(p) + out_len for p in prompts) + 16
+params.n_ctx = len(prompts) * (max(map(len, prompts)) + out_len + 16)  # split evenly between the sequences
 params.n_batch = params.n_ubatch = 512
 params.n_seq_max = len(prompts)
 params.n_threads = params.n_threads_batch = threads
-params.kv_unified = True
+params.kv_unified = False  # a KV stream per sequence, as llama-server's slots: attention reads its own cells only
 ctx = L.llama_init_from_model(model, params)
 batch = L.llama_batch_init(max(512, len(prompts)), 0, 1)
 
