@@ -41,9 +41,12 @@ def engines():
 
 @pytest.fixture(scope="module")
 def small_cache_engines():
-    # 12 blocks of 16 tokens: six requests of ~10 + 40 tokens need 18, so some are preempted.
+    # 12 blocks of 16 tokens (a float32 cache): six requests of ~10 + 40 tokens need 18, so some are preempted.
     size = 12 * 16 * 30 * 2 * 3 * 64 * 4
-    return {mode: make_llm(mode, kv_cache_memory=size, max_model_len=160, enable_prefix_caching=False) for mode in ("on", "off")}
+    return {
+        mode: make_llm(mode, kv_cache_memory=size, kv_cache_dtype="float32", max_model_len=160, enable_prefix_caching=False)
+        for mode in ("on", "off")
+    }
 
 
 def summary(outputs):
