@@ -22,6 +22,7 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from gpu_allreduce_bench import _graph  # (scripts/ is on the path: run as python scripts/...)
 
 HIDDEN = 4096
 BOUNDARIES = 64
@@ -35,19 +36,6 @@ def _chain(step, partials: list[torch.Tensor], residual: torch.Tensor) -> torch.
         x = partial if out is None else partial * out  # a fresh input that depends on the last boundary
         out, residual = step(x, residual, i % 2)
     return torch.cat([out, residual])
-
-
-def _graph(fn) -> torch.cuda.CUDAGraph:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
 
 
 def _best_us(graph: torch.cuda.CUDAGraph) -> float:
