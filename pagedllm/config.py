@@ -71,9 +71,7 @@ class EngineArgs:
     load_format: str = "auto"  # "dummy": random weights from config.json alone (benchmarks)
     skip_tokenizer_init: bool = False  # token-id prompts only; outputs carry no text
     async_scheduling: str = "auto"  # on: schedule step N+1 while the device runs step N; auto = on
-    # CPU: gguf (a GGUF's own 4-bit weights), int4, int8, or none (dense); None = gguf for a GGUF
-    # model on a CPU where pagedllm's kernels run, as llama.cpp computes on it, else dense
-    quantization: str | None = None
+    quantization: str | None = None  # CPU: gguf (a GGUF's own 4-bit weights), int4, int8; None = dense
     kv_cache_dtype: str = "auto"  # auto: the model's dtype (float16 with CPU quantized compute); or a dtype
 
     def __post_init__(self) -> None:
@@ -106,8 +104,8 @@ class EngineArgs:
         if kv_dtype != "auto" and kv_dtype not in DTYPES:
             raise ValueError(f"kv_cache_dtype must be auto, {', '.join(DTYPES)}; got {self.kv_cache_dtype!r}")
         object.__setattr__(self, "kv_cache_dtype", kv_dtype)
-        if self.quantization not in (None, "none", "gguf", "int4", "int8"):
-            raise ValueError(f"quantization must be gguf, int4, int8 or none (dense weights); got {self.quantization!r}")
+        if self.quantization not in (None, "gguf", "int4", "int8"):
+            raise ValueError(f"quantization must be gguf, int4 or int8 (or unset for dense weights); got {self.quantization!r}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}")
         if self.distributed_executor_backend not in ("mp", "ray"):
@@ -147,7 +145,6 @@ class ModelConfig:
     tensor_parallel_size: int = 1
     tensor_parallel_rank: int = 0  # which rank's share of the heads this process holds
     kv_cache_dtype: Any = None  # torch.dtype of the KV cache; None = dtype
-    quantization: str | None = None  # what the layers compute on: gguf, int4, int8, or None (dense)
 
     def __post_init__(self) -> None:
         n, kv_heads = self.tensor_parallel_size, self.num_kv_heads

@@ -23,12 +23,10 @@ def bundled_gguf() -> str:
 
 @pytest.fixture(scope="session")
 def llm():
-    """The bundled model in fp32 with a small step budget, so prompts get chunked; dense weights
-    (quantization none), so the engine's behaviour is checked against HF's float32 logprobs."""
+    """The bundled model in fp32 with a small step budget, so prompts get chunked."""
     from pagedllm import LLM
 
-    return LLM(dtype="float32", quantization="none", max_num_batched_tokens=128, max_num_seqs=32, kv_cache_memory="256MiB",
-               max_model_len=2048)
+    return LLM(dtype="float32", max_num_batched_tokens=128, max_num_seqs=32, kv_cache_memory="256MiB", max_model_len=2048)
 
 
 @pytest.fixture(scope="session")

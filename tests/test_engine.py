@@ -154,8 +154,7 @@ def small_cache_llm():
     """10 blocks of 16 tokens (SmolLM2: 30 layers, K and V, 3 kv heads of 64, fp32), no prefix cache."""
     from pagedllm import LLM
 
-    return LLM(dtype="float32", quantization="none", kv_cache_memory=10 * 16 * 30 * 2 * 3 * 64 * 4, max_model_len=160,
-               enable_prefix_caching=False)
+    return LLM(dtype="float32", kv_cache_memory=10 * 16 * 30 * 2 * 3 * 64 * 4, max_model_len=160, enable_prefix_caching=False)
 
 
 def test_preemption_keeps_outputs(llm, small_cache_llm):

@@ -241,20 +241,3 @@ def test_float16_kv_cache_of_a_dense_model_matches_hf(hf_model, caplog):
     for output in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, logprobs=3), use_tqdm=False):
         hf_tokens, hf_logprobs = hf_greedy(hf_model, output.prompt_token_ids, 8)
         check_logprobs_close(output.outputs[0], hf_tokens, hf_logprobs, atol=0.02)
-
-
-@needs_our_kernels
-def test_a_gguf_model_computes_on_its_own_blocks_by_default(caplog):
-    """Unasked, a GGUF model on a CPU where the kernels run computes on its 4-bit blocks with a
-    float16 cache (as llama.cpp runs it), and the log says how to opt out; quantization=none keeps
-    the dense weights and a cache of the model's dtype."""
-    with caplog.at_level(logging.INFO, logger="pagedllm"):
-        default = LLM(dtype="float32", kv_cache_memory="64MiB", max_model_len=256)
-    assert "quantization=gguf, the default for a GGUF model on this CPU" in caplog.text
-    layers = default.engine.core.runner.model.model.layers
-    assert isinstance(layers[0].mlp.down_proj, BlockLinear)
-    assert layers[0].self_attn.attn.k_cache.dtype == torch.float16
-    dense = LLM(dtype="float32", quantization="none", kv_cache_memory="64MiB", max_model_len=256)
-    layers = dense.engine.core.runner.model.model.layers
-    assert not isinstance(layers[0].mlp.down_proj, BlockLinear)
-    assert layers[0].self_attn.attn.k_cache.dtype == torch.float32

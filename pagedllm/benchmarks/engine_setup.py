@@ -22,9 +22,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention-backend", default=None, help="torch or triton (default: by device)")
     parser.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto",
                         help="engine: schedule step N+1 while step N runs (default: auto)")
-    parser.add_argument("--quantization", choices=["gguf", "int4", "int8", "none"], default=None,
-                        help="engine on CPU: compute on quantized weights, or none (default: gguf for a GGUF model "
-                        "where pagedllm's CPU kernels run, else dense)")
+    parser.add_argument("--quantization", choices=["gguf", "int4", "int8"], default=None,
+                        help="engine on CPU: compute on quantized weights (default: dense)")
     parser.add_argument("--kv-cache-dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                         help="engine: KV cache dtype (default: auto, the model's; float16 with CPU quantized compute)")
     parser.add_argument("--output-json", default=None, help="append one JSON line per figure to this file")

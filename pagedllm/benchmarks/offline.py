@@ -103,7 +103,7 @@ def main(args: argparse.Namespace) -> list[dict]:
             peer_name, peer = "llama.cpp (all sequences batched)", timing["seconds"]
         result = dict(
             engine="pagedllm", workload=w.name, model=args.model_config or model_name,
-            dtype=str(dtype).removeprefix("torch."), quantization=llm.engine.core.executor.model_info.config.quantization,
+            dtype=str(dtype).removeprefix("torch."), quantization=options.get("quantization"),
             tensor_parallel_size=args.tensor_parallel_size, machine=machine,
             async_scheduling=getattr(llm.engine.core, "async_scheduling", None), startup_s=round(startup, 2),
             **_figures(w, ours),

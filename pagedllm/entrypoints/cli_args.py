@@ -53,8 +53,7 @@ ENGINE_HELP: dict[str, str] = {
     "skip_tokenizer_init": "no tokenizer: token-id prompts only, outputs carry no text",
     "async_scheduling": "on: prepare step N+1 while the device computes step N (outputs are the same); auto = on",
     "quantization": "CPU: compute on quantized weights -- gguf (a GGUF file's own Q4_0/Q4_1 weights), "
-    "int4 or int8 (quantized at load), or none (dense); default: gguf for a GGUF model on a CPU where "
-    "pagedllm's kernels run (as llama.cpp), else dense",
+    "int4 or int8 (quantized at load); default: dense weights",
     "kv_cache_dtype": "KV cache dtype; auto = the model's, except float16 with CPU quantized compute (as llama.cpp); "
     "float16 halves the bytes a CPU decode step reads (the CPU kernels read float32 or float16; GPUs: the model's only)",
 }
@@ -63,7 +62,7 @@ ENGINE_CHOICES: dict[str, list[str]] = {
     "attention_backend": ["torch", "triton"],
     "load_format": ["auto", "dummy"],
     "async_scheduling": ["auto", "on", "off"],
-    "quantization": ["gguf", "int4", "int8", "none"],
+    "quantization": ["gguf", "int4", "int8"],
     "kv_cache_dtype": ["auto", *DTYPES],
     "distributed_executor_backend": ["mp", "ray"],
 }

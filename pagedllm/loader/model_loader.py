@@ -97,7 +97,6 @@ def _open(args: EngineArgs, rank: int, world_size: int) -> tuple[Checkpoint, Mod
     if args.max_model_len is not None:
         max_len = args.max_model_len
     dtype = resolve_dtype(args.dtype, checkpoint.hf_config, device)
-    quantization = resolve_quantization(args, checkpoint, device)
     config = ModelConfig(
         name=checkpoint.name,
         source=checkpoint.source,
@@ -107,25 +106,9 @@ def _open(args: EngineArgs, rank: int, world_size: int) -> tuple[Checkpoint, Mod
         max_model_len=max_len,
         tensor_parallel_size=world_size,
         tensor_parallel_rank=rank,
-        kv_cache_dtype=resolve_kv_cache_dtype(args.kv_cache_dtype, dtype, device, quantization),
-        quantization=quantization,
+        kv_cache_dtype=resolve_kv_cache_dtype(args.kv_cache_dtype, dtype, device, args.quantization),
     )
     return checkpoint, config
-
-
-def resolve_quantization(args: EngineArgs, checkpoint: Checkpoint, device: str) -> str | None:
-    """What the layers compute on: as asked ("none": dense), or, unasked, a GGUF file's own 4-bit
-    weights where pagedllm's kernels run them on this CPU (one rank) -- llama.cpp's and Ollama's
-    way with a GGUF, 1.5-2x the dense path here -- else dense."""
-    if args.quantization is not None:
-        return None if args.quantization == "none" else args.quantization
-    if device != "cpu" or args.tensor_parallel_size > 1 or not isinstance(checkpoint, GGUFCheckpoint):
-        return None
-    from pagedllm.layers import cpu_kernels
-    from pagedllm.layers.quantized_linear import GGML_Q4_0, GGML_Q4_1
-
-    has_q4 = any(t.ggml_type in (GGML_Q4_0, GGML_Q4_1) for t in checkpoint.header.tensors)
-    return "gguf" if has_q4 and cpu_kernels.lib() is not None else None
 
 
 def _tokenizer(args: EngineArgs, checkpoint: Checkpoint):
@@ -153,10 +136,7 @@ def load_model(args: EngineArgs, tp: TensorParallelGroup = SINGLE_RANK) -> Loade
     with _no_init(device, dtype), building_for(tp):
         model = model_class(checkpoint.hf_config)
     num_params = sum(p.numel() for p in model.parameters())  # before quantizing and packing turn weights into buffers
-    quantization = config.quantization
-    if quantization is not None and args.quantization is None:
-        logger.info("quantization=gguf, the default for a GGUF model on this CPU (quantization=none: dense weights)")
-    from_gguf_blocks = quantization == "gguf" and isinstance(checkpoint, GGUFCheckpoint)
+    from_gguf_blocks = args.quantization == "gguf" and isinstance(checkpoint, GGUFCheckpoint)
     taken: set[str] = set()  # tensors the quantized layers hold as the file's blocks: not read again
     if from_gguf_blocks:
         from pagedllm.loader.quantize import quantize_before_loading
@@ -170,10 +150,10 @@ def load_model(args: EngineArgs, tp: TensorParallelGroup = SINGLE_RANK) -> Loade
             weights = _with_progress(weights, checkpoint.num_tensors, "loading weights")
         model.load_weights((name, tensor.to(dtype)) for name, tensor in weights)
     model.eval().requires_grad_(False)
-    if quantization is not None and not from_gguf_blocks:
+    if args.quantization is not None and not from_gguf_blocks:
         from pagedllm.loader.quantize import quantize_model
 
-        quantize_model(model, quantization, checkpoint.path if isinstance(checkpoint, GGUFCheckpoint) else None)
+        quantize_model(model, args.quantization, checkpoint.path if isinstance(checkpoint, GGUFCheckpoint) else None)
     pack_model(model)  # CPU: the dense matrices that are left, in oneDNN's layout
     tokenizer = _tokenizer(args, checkpoint)
     logger.info(
