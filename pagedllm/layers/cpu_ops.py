@@ -93,10 +93,11 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor
                    slot_mapping: torch.Tensor) -> None:  # fmt: skip
     """key, value (T, Hkv, D) to their slots of the (num_blocks, block_size, Hkv, D) caches."""
     lib().write_kv(key.data_ptr(), _heads(key), value.data_ptr(), _heads(value), k_cache.data_ptr(), v_cache.data_ptr(),
-                   slot_mapping.data_ptr(), key.shape[0], key.shape[1] * key.shape[2], _half(k_cache))  # fmt: skip
+                   slot_mapping.data_ptr(), key.shape[0], key.shape[1] * key.shape[2], cache_is_half(k_cache))  # fmt: skip
 
 
-def _half(cache: torch.Tensor) -> int:
+def cache_is_half(cache: torch.Tensor) -> int:
+    """The kernels' `half` flag for a KV cache: 1 for float16, 0 for float32."""
     if cache.dtype not in CACHE_DTYPES:
         raise ValueError(f"the CPU kernels read float32 or float16 KV caches, not {cache.dtype}")
     return int(cache.dtype == torch.float16)
@@ -118,7 +119,7 @@ def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     status = lib().paged_decode_attention(
         query.data_ptr(), _heads(query), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.stride(0),
         lens.data_ptr(), batch, heads, k_cache.shape[2], dim, k_cache.shape[1], scale, sliding_window or 0, out.data_ptr(),
-        _half(k_cache),
+        cache_is_half(k_cache),
     )
     if status:
         raise MemoryError("out of memory for attention scores")

@@ -22,7 +22,7 @@ from torch import nn
 from pagedllm.attention.metadata import AttentionMetadata
 from pagedllm.layers.activation import SiluAndMul
 from pagedllm.layers.cpu_kernels import DecoderLayer, lib
-from pagedllm.layers.cpu_ops import context_arrays
+from pagedllm.layers.cpu_ops import cache_is_half, context_arrays
 from pagedllm.layers.fused import cpu_ops_for
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.quantized_linear import BlockLinear
@@ -74,7 +74,7 @@ class CpuDecodeLayers:
             self._layer_table(), len(self.layers), x.data_ptr(), residual.data_ptr(), x.shape[0], self.hidden,
             self.heads, self.kv_heads, self.dim, self.inter, self.eps, positions.data_ptr(), self.cos_sin.data_ptr(),
             slots.data_ptr(), tables.data_ptr(), tables.stride(0), lens.data_ptr(), cache.shape[1], self.scale,
-            int(cache.dtype == torch.float16),
+            cache_is_half(cache),
         )
         if status:
             raise MemoryError("out of memory for a decode step's activations")
