@@ -211,6 +211,33 @@ def test_llama_decode_step_in_one_call_gives_the_layers_outputs():
         ]
 
 
+@needs_our_kernels
+def test_quantized_results_do_not_depend_on_how_a_prompt_was_cut_or_batched():
+    """On the CPU kernels every token's work is the same float operations however its prompt was
+    split: a whole prefill, the rest after a prefix-cache hit left by another request, or beside
+    other requests in one batch. Int8 activations turn any ulp of difference into another rounding
+    step (logprobs moved by up to 0.16 after another request's prefix hit, when prefills took
+    torch's SDPA), so this is checked bit for bit."""
+    import random
+
+    rng = random.Random(0)
+    prefix = [rng.randrange(100, 40000) for _ in range(32)]  # two full cache blocks
+    prompts = [prefix[:16] + [rng.randrange(100, 40000) for _ in range(n)] for n in (1, 3, 17, 40)]
+    params = SamplingParams(temperature=0, max_tokens=6, logprobs=3, ignore_eos=True)
+
+    def run(llm, batch):
+        outs = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
+        return [[{t: p.logprob for t, p in step.items()} for step in o.outputs[0].logprobs] for o in outs]
+
+    cold = LLM(dtype="float32", quantization="gguf", kv_cache_memory="64MiB", max_model_len=512, enable_prefix_caching=False)
+    alone = [run(cold, [p])[0] for p in prompts]
+    shared = LLM(dtype="float32", quantization="gguf", kv_cache_memory="64MiB", max_model_len=512)
+    for prompt, want in zip(prompts, alone):
+        run(shared, [prefix])  # leaves the first block of `prompt` in the prefix cache
+        assert run(shared, [prompt])[0] == want
+    assert run(cold, prompts) == alone
+
+
 def test_llama_decode_step_stays_layered_where_it_does_not_fit(llm):
     """A dense float32 model (the session's `llm`) keeps its layers: the C step needs Q4 products."""
     llm.generate(["Hello"], SamplingParams(max_tokens=2), use_tqdm=False)
