@@ -1,4 +1,4 @@
-"""Prefill attention on the CPU: every prompt token as one row of pagedllm's paged decode kernel
+"""Prefill attention on the CPU: every prompt token as one row of pagedllm's paged kernel
 (what the torch backend runs where the CPU kernels do) against torch's SDPA over the gathered,
 causal context (what it ran before). SmolLM2's heads (9 query, 3 kv, dim 64), one prompt of
 each length, float32 and float16 caches: ms per layer call, best of 5, this process's threads.
@@ -43,10 +43,10 @@ def main() -> None:
             v_cache = torch.randn(blocks + 4, BLOCK, KV_HEADS, DIM).to(dtype)
             table = torch.randperm(blocks + 4)[:blocks].int()
             query = torch.randn(length, HEADS, DIM)
-            tables, lens = table[None].expand(length, blocks), torch.arange(1, length + 1, dtype=torch.int32)
+            lens, starts = torch.tensor([length], dtype=torch.int32), torch.tensor([0, length], dtype=torch.int32)
 
             def kernel():
-                return cpu_ops.paged_decode_attention(query, k_cache, v_cache, tables, lens, DIM**-0.5)
+                return cpu_ops.paged_attention(query, k_cache, v_cache, table[None], lens, DIM**-0.5, None, starts)
 
             def sdpa():
                 k = k_cache[table.long()].flatten(0, 1)[:length].transpose(0, 1).float()

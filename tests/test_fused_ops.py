@@ -184,7 +184,7 @@ def test_cpu_paged_decode_attention(num_heads, num_kv_heads, head_dim, sliding_w
     got_k, got_v = k_cache.clone(), v_cache.clone()
     ops.write_kv_cache(key, value, got_k, got_v, meta.slot_mapping)
     assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
-    got = ops.paged_decode_attention(query, got_k, got_v, tables, meta.seq_lens, head_dim**-0.5, sliding_window)
+    got = ops.paged_attention(query, got_k, got_v, tables, meta.seq_lens, head_dim**-0.5, sliding_window)
     torch.testing.assert_close(got, want, **TOLERANCE[torch.float32])
 
 
@@ -195,3 +195,48 @@ def test_cpu_cache_write_skips_padding_slots():
     ops.write_kv_cache(key, value, k_cache, v_cache, torch.tensor([17, -1]))
     assert k_cache.view(-1, 8)[17].eq(1).all() and v_cache.view(-1, 8)[17].eq(2).all()
     assert k_cache.sum() == 8 and v_cache.sum() == 16, "the padding token wrote nothing"
+
+
+@pytest.mark.parametrize("sliding_window", [None, 20])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_cpu_paged_attention_of_a_mixed_step(sliding_window, cache_dtype):
+    """A step of two decodes and three prefill chunks (a whole prompt longer than a row tile, the
+    rest of a prompt after 37 cached tokens, one token after 16) through the CPU kernel against the
+    torch backend's SDPA; and each token's row bit for bit the same when its prompt is cut
+    elsewhere: the kernel's result for a token does not depend on the rows beside it."""
+    ops = _cpu_ops()
+    heads, kv_heads, dim, block = 9, 3, 64, 16
+    q_lens, seq_lens = [1, 1, 40, 9, 1], [23, 70, 40, 46, 17]
+    starts = [0]
+    for n in q_lens:
+        starts.append(starts[-1] + n)
+    tables = torch.randperm(40, generator=torch.Generator().manual_seed(3))[:25].int().view(5, 5)
+    slots = [int(tables[b, p // block]) * block + p % block for b, (q, n) in enumerate(zip(q_lens, seq_lens)) for p in range(n - q, n)]
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots), query_start_loc=torch.tensor(starts, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32), block_tables=tables, num_decodes=2, num_decode_tokens=2,
+        max_query_len=40, max_seq_len=70, query_start_loc_cpu=starts, seq_lens_cpu=seq_lens,
+    )
+    tokens = starts[-1]
+    k_cache = randn(40, block, kv_heads, dim, dtype=cache_dtype, seed=1)
+    v_cache = randn(40, block, kv_heads, dim, dtype=cache_dtype, seed=2)
+    query, key, value = (randn(tokens, h, dim, dtype=torch.float32, seed=s) for h, s in ((heads, 3), (kv_heads, 4), (kv_heads, 5)))
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    want = TorchAttentionBackend().forward(query, key, value, want_k, want_v, meta, dim**-0.5, sliding_window)
+    ops.write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    got = ops.paged_attention(query, k_cache, v_cache, tables, meta.seq_lens, dim**-0.5, sliding_window, meta.query_start_loc)
+    torch.testing.assert_close(got, want, **TOLERANCE[torch.float32])
+    # the 40-token prompt (rows 2..41) cut after 13 and after 30 tokens: the same rows, bit for bit
+    first, whole = starts[2], got[starts[2] : starts[3]]
+    for cut in (13, 30):
+        parts = [
+            ops.paged_attention(query[first + a : first + b], k_cache, v_cache, tables[2:3], torch.tensor([b], dtype=torch.int32),
+                                dim**-0.5, sliding_window, torch.tensor([0, b - a], dtype=torch.int32))  # fmt: skip
+            for a, b in ((0, cut), (cut, 40))
+        ]
+        assert torch.equal(torch.cat(parts), whole)
+    # and one token alone, as a decode step
+    alone = ops.paged_attention(query[first + 39 : first + 40], k_cache, v_cache, tables[2:3], torch.tensor([40], dtype=torch.int32),
+                                dim**-0.5, sliding_window)  # fmt: skip
+    assert torch.equal(alone[0], whole[39])

@@ -8,14 +8,15 @@ float16 on a float32 CPU model): written rounded to it, read back in the query's
 
 On the CPU in float32, where pagedllm's compiled kernels run (layers/cpu_ops.py), the cache
 write and every token's attention go through them instead, prefill tokens included: each
-query token is one row of the paged decode kernel, over its own context (its position + 1
-tokens, the blocks read in place). So a token's attention is the same sequence of float
-operations however its prompt was cut -- one prefill, chunks, the rest after a prefix-cache
-hit -- or as a decode step. torch's SDPA is not: its results move by an ulp with the number
-of query rows in the call (its matrix products block by row count), and quantized products
-(int8 activations) turn an ulp into a different rounding step, so the same request gave other
-greedy tokens after another request's prefix hit. The kernel is also the faster one up to
-~200-token prompts (scripts/cpu_prefill_attention_bench.py).
+query token is one row of the paged kernel, over its own context (its position + 1 tokens,
+the blocks read in place, shared by up to 16 rows of a prompt while in cache). So a token's
+attention is the same sequence of float operations however its prompt was cut -- one
+prefill, chunks, the rest after a prefix-cache hit -- or as a decode step. torch's SDPA is
+not: its results move by an ulp with the number of query rows in the call (its matrix
+products block by row count), and quantized products (int8 activations) turn an ulp into
+another rounding step, so the same request gave other greedy tokens after another request's
+prefix hit. The kernel is as fast as SDPA up to ~512-token prompts and ~1.3x its time at 1024
+(scripts/cpu_prefill_attention_bench.py).
 """
 
 from __future__ import annotations
@@ -62,8 +63,6 @@ class TorchAttentionBackend:
         # layer's sliding window (local and global layers interleave in Gemma 3).
         self._plans: dict[int | None, _DecodePlan] = {}
         self._plans_meta: AttentionMetadata | None = None
-        self._contexts: tuple[torch.Tensor, torch.Tensor] | None = None  # the same, for the CPU kernels
-        self._contexts_meta: AttentionMetadata | None = None
 
     def forward(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                 sliding_window: int | None = None) -> torch.Tensor:
@@ -72,8 +71,8 @@ class TorchAttentionBackend:
             cpu_ops = None
         if cpu_ops is not None:
             cpu_ops.write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
-            tables, lens = self._token_contexts(meta)
-            return cpu_ops.paged_decode_attention(query, k_cache, v_cache, tables, lens, scale, sliding_window)
+            starts = None if meta.num_decodes == meta.num_seqs else meta.query_start_loc  # (None: one token each)
+            return cpu_ops.paged_attention(query, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, sliding_window, starts)
         write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
         nd = meta.num_decode_tokens
         if nd:
@@ -88,21 +87,6 @@ class TorchAttentionBackend:
             out[start:end] = self._prefill(query[start:end], k_cache, v_cache, meta.block_tables[i], meta.seq_lens_cpu[i],
                                            scale, sliding_window)
         return out
-
-    def _token_contexts(self, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per query token: its sequence's block table row and how many cached tokens it attends
-        over (its position + 1). Worked out by the first layer of a step, reused by the others."""
-        if self._contexts_meta is not meta:
-            if meta.num_decodes == meta.num_seqs:  # one token per sequence: the tables as they are
-                self._contexts = (meta.block_tables, meta.seq_lens)
-            else:
-                starts = meta.query_start_loc.long()
-                seq_of = torch.repeat_interleave(torch.arange(meta.num_seqs), starts[1:] - starts[:-1])
-                behind_last = starts[1:].index_select(0, seq_of) - 1 - torch.arange(seq_of.numel())
-                lens = meta.seq_lens.index_select(0, seq_of) - behind_last
-                self._contexts = (meta.block_tables.index_select(0, seq_of), lens)
-            self._contexts_meta = meta
-        return self._contexts
 
     @staticmethod
     def _prefill(query, k_cache, v_cache, block_table, seq_len: int, scale: float,

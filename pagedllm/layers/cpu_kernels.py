@@ -164,7 +164,7 @@ _SIGNATURES = {  # the C functions: (return type, argument types)
     "act_and_mul": (None, [_P, _I, _P, _I, _I, ctypes.c_int]),
     "rotary": (None, [_P, _I, _I, _I, _I, _P, _P]),
     "write_kv": (None, [_P, _I, _P, _I, _P, _P, _P, _I, _I, ctypes.c_int]),
-    "paged_decode_attention": (ctypes.c_int, [_P, _I, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _F, _I, _P, ctypes.c_int]),
+    "paged_attention": (ctypes.c_int, [_P, _I, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _F, _I, _P, ctypes.c_int]),
     "decode_layers": (ctypes.c_int, [_P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _F, _P, _P, _P, _P, _I, _P, _I, _F, ctypes.c_int]),
 }
 

@@ -109,17 +109,22 @@ def context_arrays(block_tables: torch.Tensor, seq_lens: torch.Tensor) -> tuple[
     return (tables if tables.stride(-1) == 1 else tables.contiguous()), seq_lens.to(torch.int32).contiguous()
 
 
-def paged_decode_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                           seq_lens: torch.Tensor, scale: float, sliding_window: int | None = None) -> torch.Tensor:  # fmt: skip
-    """query (B, H, D), one token per sequence -> (B, H, D): attention over each sequence's first
-    seq_lens[b] cached tokens (the last sliding_window of them), read through block_tables (B, n)."""
-    batch, heads, dim = query.shape
-    out = torch.empty(batch, heads, dim, dtype=query.dtype)
+def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    seq_lens: torch.Tensor, scale: float, sliding_window: int | None = None,
+                    query_start_loc: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """query (T, H, D) -> (T, H, D): attention on the paged cache. Sequence b's query tokens are
+    rows query_start_loc[b] to query_start_loc[b + 1] (row b alone when it is None: a decode
+    step), the last of them at position seq_lens[b] - 1, each over its context up to itself (the
+    last sliding_window tokens of it), read through block_tables (B, n). A row's result is the same
+    whichever rows it is computed with."""
+    tokens, heads, dim = query.shape
+    out = torch.empty(tokens, heads, dim, dtype=query.dtype)
     tables, lens = context_arrays(block_tables, seq_lens)
-    status = lib().paged_decode_attention(
+    starts = None if query_start_loc is None else query_start_loc.to(torch.int32).contiguous()
+    status = lib().paged_attention(
         query.data_ptr(), _heads(query), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), tables.stride(0),
-        lens.data_ptr(), batch, heads, k_cache.shape[2], dim, k_cache.shape[1], scale, sliding_window or 0, out.data_ptr(),
-        cache_is_half(k_cache),
+        lens.data_ptr(), None if starts is None else starts.data_ptr(), lens.shape[0], heads, k_cache.shape[2], dim,
+        k_cache.shape[1], scale, sliding_window or 0, out.data_ptr(), cache_is_half(k_cache),
     )
     if status:
         raise MemoryError("out of memory for attention scores")

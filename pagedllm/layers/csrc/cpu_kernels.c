@@ -518,81 +518,109 @@ static inline __attribute__((always_inline)) void accumulate_values(const float 
         for (int64_t i = 0; i < n; i++) o[d] += p[i] * load1(V, i * row + d, half);
 }
 
-/* One sequence's query heads of kv heads [g0, g1) over its cached tokens [start, len), block by
- * block (each block's rows read once for all those heads), with an online softmax. scratch:
- * (g1 - g0) * group * (MAX_CHUNK + 2) floats. */
-static inline __attribute__((always_inline)) void attend(const float *q, int64_t group, int64_t dim, const void *k_cache,
-                                                         const void *v_cache, const int32_t *table, int64_t start,
-                                                         int64_t len, int64_t kv_heads, int64_t g0, int64_t g1,
-                                                         int64_t block_size, float scale, float *out, float *scratch,
-                                                         int half) {
-    const int64_t heads = (g1 - g0) * group, row = kv_heads * dim;
-    float *scores = scratch, *top = scores + heads * MAX_CHUNK, *total = top + heads;
-    for (int64_t h = 0; h < heads; h++) { top[h] = -INFINITY; total[h] = 0.0f; }
-    memset(out, 0, heads * dim * sizeof(float));
-    for (int64_t t0 = start; t0 < len;) {
+#define ROW_TILE 16 /* query rows of one sequence that share each block while it is in cache */
+
+/* Query rows [0, rows) of one sequence, heads of kv heads [g0, g1): row r attends over the first
+ * len0 + r cached tokens (the last `window` of them if window > 0), block by block with an online
+ * softmax. The blocks are walked once for all the rows; each row takes from a block the part of
+ * it in its own context, in the same pieces as it would alone, so its result is the same float
+ * operations whatever rows it is computed with (a decode is one row). q rows q_stride apart, out
+ * rows out_stride apart. scratch: (g1 - g0) * group * (MAX_CHUNK + 2 * rows) floats. */
+static inline __attribute__((always_inline)) void attend(const float *q, int64_t q_stride, int64_t rows, int64_t len0,
+                                                         int64_t window, int64_t group, int64_t dim, const void *k_cache,
+                                                         const void *v_cache, const int32_t *table, int64_t kv_heads,
+                                                         int64_t g0, int64_t g1, int64_t block_size, float scale,
+                                                         float *out, int64_t out_stride, float *scratch, int half) {
+    const int64_t heads = (g1 - g0) * group, row = kv_heads * dim, end = len0 + rows - 1;
+    float *scores = scratch, *top = scores + heads * MAX_CHUNK, *total = top + rows * heads;
+    for (int64_t i = 0; i < rows * heads; i++) { top[i] = -INFINITY; total[i] = 0.0f; }
+    for (int64_t r = 0; r < rows; r++) memset(out + r * out_stride, 0, heads * dim * sizeof(float));
+    for (int64_t t0 = window > 0 && len0 > window ? len0 - window : 0; t0 < end;) {
+        /* a piece: to the end of t0's block, at most MAX_CHUNK tokens (aligned) */
         const int64_t in_block = t0 % block_size;
         int64_t n = block_size - in_block;
-        if (n > len - t0) n = len - t0;
-        if (n > MAX_CHUNK) n = MAX_CHUNK;
-        const int64_t base = ((int64_t)table[t0 / block_size] * block_size + in_block) * row;
-        for (int64_t g = g0; g < g1; g++) {
-            const int64_t h0 = (g - g0) * group;
-            float *sc = scores + h0 * MAX_CHUNK;
-            score_chunk(q + h0 * dim, group, dim, element(k_cache, base + g * dim, half), row, n, scale, sc, half);
-            for (int64_t h = 0; h < group; h++)
-                softmax_chunk(sc + h * MAX_CHUNK, n, top + h0 + h, total + h0 + h, out + (h0 + h) * dim, dim);
-            for (int64_t h = 0; h < group; h++)
-                accumulate_values(sc + h * MAX_CHUNK, element(v_cache, base + g * dim, half), row, n, out + (h0 + h) * dim,
-                                  dim, half);
+        if (n > MAX_CHUNK - in_block % MAX_CHUNK) n = MAX_CHUNK - in_block % MAX_CHUNK;
+        if (n > end - t0) n = end - t0;
+        for (int64_t r = 0; r < rows; r++) {
+            const int64_t len = len0 + r, start = window > 0 && len > window ? len - window : 0;
+            const int64_t from = t0 > start ? t0 : start, to = t0 + n < len ? t0 + n : len;
+            if (from >= to) continue;
+            const int64_t base = ((int64_t)table[from / block_size] * block_size + from % block_size) * row;
+            const float *qr = q + r * q_stride;
+            float *o = out + r * out_stride, *top_r = top + r * heads, *total_r = total + r * heads;
+            for (int64_t g = g0; g < g1; g++) {
+                const int64_t h0 = (g - g0) * group;
+                float *sc = scores + h0 * MAX_CHUNK;
+                score_chunk(qr + h0 * dim, group, dim, element(k_cache, base + g * dim, half), row, to - from, scale, sc, half);
+                for (int64_t h = 0; h < group; h++)
+                    softmax_chunk(sc + h * MAX_CHUNK, to - from, top_r + h0 + h, total_r + h0 + h, o + (h0 + h) * dim, dim);
+                for (int64_t h = 0; h < group; h++)
+                    accumulate_values(sc + h * MAX_CHUNK, element(v_cache, base + g * dim, half), row, to - from,
+                                      o + (h0 + h) * dim, dim, half);
+            }
         }
         t0 += n;
     }
-    for (int64_t h = 0; h < heads; h++) {
-        const float inv = 1.0f / total[h];
-        for (int64_t d = 0; d < dim; d++) out[h * dim + d] *= inv;
-    }
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t h = 0; h < heads; h++) {
+            const float inv = 1.0f / total[r * heads + h];
+            for (int64_t d = 0; d < dim; d++) out[r * out_stride + h * dim + d] *= inv;
+        }
 }
 
-/* One new token per sequence: out[b, h] = softmax(scale q[b, h] . K) V over the sequence's first
- * seq_lens[b] cached tokens (the last `window` of them if window > 0), read in place from the
- * blocks of block_tables[b]. q (B, H, dim) rows q_stride apart per sequence; caches
- * (num_blocks, block_size, kv_heads, dim), float32 or (half) float16; out (B, H, dim) contiguous.
- * Returns 0, or -1 if out of memory. */
-int paged_decode_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache,
-                           const int32_t *block_tables, int64_t table_stride, const int32_t *seq_lens, int64_t B,
-                           int64_t H, int64_t kv_heads, int64_t dim, int64_t block_size, float scale, int64_t window,
-                           float *out, int half) {
+/* Attention of every query token of a step on the paged cache: sequence b's queries are rows
+ * [query_start[b], query_start[b + 1]) (one row, b, when query_start is NULL: a decode step), the
+ * last of them at the sequence's last cached position, seq_lens[b] - 1, each over its context up to
+ * itself (the last `window` tokens if window > 0), read in place from the blocks of
+ * block_tables[b]. out[t, h] = softmax(scale q[t, h] . K) V. q (T, H, dim) rows q_stride apart;
+ * caches (num_blocks, block_size, kv_heads, dim), float32 or (half) float16; out (T, H, dim)
+ * contiguous. Returns 0, or -1 if out of memory. */
+int paged_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache,
+                    const int32_t *block_tables, int64_t table_stride, const int32_t *seq_lens,
+                    const int32_t *query_start, int64_t num_seqs, int64_t H, int64_t kv_heads, int64_t dim,
+                    int64_t block_size, float scale, int64_t window, float *out, int half) {
     const int64_t group = H / kv_heads;
-    int64_t work = 0;
-    for (int64_t b = 0; b < B; b++) work += seq_lens[b];
-    /* a task: one sequence, all its kv heads (each block read whole); one kv head per task when
-     * there are too few sequences to keep every thread busy */
-    const int64_t split = B < 4 * omp_get_max_threads() ? kv_heads : 1, per_task = kv_heads / split;
+    /* a task: up to ROW_TILE rows of one sequence, all its kv heads (each block read whole); one
+     * kv head per task when there are too few tasks to keep every thread busy */
+    int64_t tiles = 0, work = 0;
+    for (int64_t b = 0; b < num_seqs; b++) {
+        const int64_t rows = query_start ? query_start[b + 1] - query_start[b] : 1;
+        tiles += (rows + ROW_TILE - 1) / ROW_TILE;
+        work += rows * seq_lens[b];
+    }
+    int64_t *tile_at = malloc(2 * (tiles + 1) * sizeof(int64_t)); /* (sequence, first row) of each tile */
+    if (tile_at == NULL) return -1;
+    for (int64_t b = 0, k = 0; b < num_seqs; b++) {
+        const int64_t first = query_start ? query_start[b] : b, last = query_start ? query_start[b + 1] : b + 1;
+        for (int64_t r = first; r < last; r += ROW_TILE, k++) { tile_at[2 * k] = b; tile_at[2 * k + 1] = r; }
+    }
+    const int64_t split = tiles < 4 * omp_get_max_threads() ? kv_heads : 1, per_task = kv_heads / split;
     int failed = 0;
 #pragma omp parallel if (work * H * dim >= 1 << 18)
     {
-        float *scratch = malloc(per_task * group * (MAX_CHUNK + 2) * sizeof(float));
+        float *scratch = malloc(per_task * group * (MAX_CHUNK + 2 * ROW_TILE) * sizeof(float));
         if (scratch == NULL) failed = 1;
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t task = 0; task < B * split; task++) {
+        for (int64_t task = 0; task < tiles * split; task++) {
             if (scratch == NULL) continue;
-            const int64_t b = task / split, g0 = task % split * per_task, len = seq_lens[b];
-            const int64_t start = window > 0 && len > window ? len - window : 0;
-            const float *qb = q + b * q_stride + g0 * group * dim;
+            const int64_t k = task / split, b = tile_at[2 * k], r0 = tile_at[2 * k + 1], g0 = task % split * per_task;
+            const int64_t last = query_start ? query_start[b + 1] : b + 1;
+            const int64_t rows = last - r0 < ROW_TILE ? last - r0 : ROW_TILE, len0 = seq_lens[b] - (last - 1 - r0);
+            const float *qt = q + r0 * q_stride + g0 * group * dim;
             const int32_t *table = block_tables + b * table_stride;
-            float *ob = out + (b * H + g0 * group) * dim;
+            float *ot = out + (r0 * H + g0 * group) * dim;
             /* one loop per cache type (half is constant in each call) */
             if (half) {
-                attend(qb, group, dim, k_cache, v_cache, table, start, len, kv_heads, g0, g0 + per_task, block_size, scale, ob,
-                       scratch, 1);
+                attend(qt, q_stride, rows, len0, window, group, dim, k_cache, v_cache, table, kv_heads, g0, g0 + per_task,
+                       block_size, scale, ot, H * dim, scratch, 1);
             } else {
-                attend(qb, group, dim, k_cache, v_cache, table, start, len, kv_heads, g0, g0 + per_task, block_size, scale, ob,
-                       scratch, 0);
+                attend(qt, q_stride, rows, len0, window, group, dim, k_cache, v_cache, table, kv_heads, g0, g0 + per_task,
+                       block_size, scale, ot, H * dim, scratch, 0);
             }
         }
         free(scratch);
     }
+    free(tile_at);
     return failed ? -1 : 0;
 }
 
@@ -628,8 +656,8 @@ int decode_layers(const DecoderLayer *layers, int64_t num_layers, float *x, floa
         rotary(qkv, width, B, heads + kv_heads, dim, positions, cos_sin);
         write_kv(qkv + heads * dim, width, qkv + (heads + kv_heads) * dim, width, L->k_cache, L->v_cache, slots, B,
                  kv_heads * dim, half);
-        status |= paged_decode_attention(qkv, width, L->k_cache, L->v_cache, block_tables, table_stride, seq_lens, B,
-                                         heads, kv_heads, dim, block_size, scale, 0, attn, half);
+        status |= paged_attention(qkv, width, L->k_cache, L->v_cache, block_tables, table_stride, seq_lens, NULL, B, heads,
+                                  kv_heads, dim, block_size, scale, 0, attn, half);
         status |= matmul_q4(L->o_qs, L->o_dm, attn, x, B, hidden, heads * dim);
         rms_norm(x, hidden, residual, hidden, L->post_norm, eps, h, residual, B, hidden);
         status |= matmul_q4(L->gate_up_qs, L->gate_up_dm, h, gate_up, B, 2 * inter, hidden);
