@@ -31,7 +31,6 @@ import numpy as np
 import torch
 
 from pagedllm.loader.gguf_quants import BLOCK_SIZES, dequantize
-from pagedllm.loader.gguf_tokenizer import build_tokenizer
 
 if TYPE_CHECKING:  # importing transformers costs seconds: it happens when a config or tokenizer is built
     from transformers import PretrainedConfig, PreTrainedTokenizerFast
@@ -218,14 +217,19 @@ _QK_NORM_TENSORS = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn
 class GGUFArchitecture:
     """How one llama.cpp architecture maps onto transformers. Add an entry to ARCHITECTURES to support one."""
 
-    config_class: str  # transformers' class, by name: its module is imported when a config is built
+    config_class: str  # transformers' class, by name: imported only by `transformers_config`
     hf_architecture: str
     config_keys: dict[str, str]
+    # What `config_class` gives, where the file is silent, for the fields pagedllm reads (tests/test_gguf_config.py
+    # checks every field pagedllm reads against the class). "rope_theta" goes into rope_parameters, as the class puts it.
+    defaults: dict[str, Any]
     # llama.cpp's converter reorders the rows of q/k within each head (see `_unpermute_rotary`).
     permuted_qk: bool = False
     tensors: tuple[dict[str, str], dict[str, str]] = (_DECODER_TENSORS, _DECODER_LAYER_TENSORS)
     # llama.cpp's converter stores Gemma's (1 + w) norm weights as 1 + w; transformers wants w back.
     norms_stored_plus_one: bool = False
+    # Gemma 3: every n-th layer attends globally, the others over a sliding window with their own rope base.
+    sliding_window_pattern: int | None = None
 
     def hf_name(self, gguf_name: str) -> str:
         global_names, layer_names = self.tensors
@@ -238,20 +242,34 @@ class GGUFArchitecture:
         raise ValueError(f"GGUF tensor {gguf_name!r} has no transformers name in pagedllm's mapping.")
 
 
+# The defaults of transformers' LlamaConfig, Qwen2Config and Qwen3Config for what pagedllm reads. None: derived
+# as LlamaConfig derives it (num_key_value_heads = num_attention_heads, head_dim = hidden_size // heads).
+_LLAMA_DEFAULTS = {
+    "model_type": "llama", "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+    "num_key_value_heads": None, "head_dim": None, "attention_bias": False, "hidden_act": "silu",
+    "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None,
+}  # fmt: skip
+_QWEN_DEFAULTS = {  # Qwen2Config has no head_dim (the models take hidden_size // heads) and no attention_bias
+    "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "num_key_value_heads": 32,
+    "hidden_act": "silu", "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
+}  # fmt: skip
+
 ARCHITECTURES = {
     # rope.dimension_count is head_dim only because llama rotates the whole head.
     "llama": GGUFArchitecture(
         "LlamaConfig",
         "LlamaForCausalLM",
         {**_DECODER_CONFIG, "rope.dimension_count": "head_dim"},
+        _LLAMA_DEFAULTS,
         permuted_qk=True,
     ),
     # Qwen rotates halves as HF does, so llama.cpp's converter leaves q/k in HF's row order.
-    "qwen2": GGUFArchitecture("Qwen2Config", "Qwen2ForCausalLM", _DECODER_CONFIG),
+    "qwen2": GGUFArchitecture("Qwen2Config", "Qwen2ForCausalLM", _DECODER_CONFIG, {**_QWEN_DEFAULTS, "model_type": "qwen2"}),
     "qwen3": GGUFArchitecture(
         "Qwen3Config",
         "Qwen3ForCausalLM",
         {**_DECODER_CONFIG, "attention.key_length": "head_dim"},
+        {**_QWEN_DEFAULTS, "model_type": "qwen3", "attention_bias": False, "head_dim": 128},
         tensors=(_DECODER_TENSORS, {**_DECODER_LAYER_TENSORS, **_QK_NORM_TENSORS}),
     ),
     # A Gemma 3 GGUF holds only the text model. What the file does not say (query_pre_attn_scalar, the
@@ -261,12 +279,19 @@ ARCHITECTURES = {
         "Gemma3TextConfig",
         "Gemma3ForCausalLM",
         {**_DECODER_CONFIG, "attention.key_length": "head_dim", "attention.sliding_window": "sliding_window"},
+        {
+            "model_type": "gemma3_text", "max_position_embeddings": 131072, "rms_norm_eps": 1e-6,
+            "rope_theta": 1e6, "rope_local_theta": 10000.0, "head_dim": 256, "num_key_value_heads": 4,
+            "attention_bias": False, "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256,
+            "sliding_window": 4096, "attn_logit_softcapping": None, "final_logit_softcapping": None,
+            "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0,
+        },  # fmt: skip
         tensors=(_DECODER_TENSORS, {**_DECODER_LAYER_TENSORS, **_QK_NORM_TENSORS, "ffn_norm": "pre_feedforward_layernorm",
                                     "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}),
         norms_stored_plus_one=True,
+        sliding_window_pattern=6,
     ),
 }
-
 
 def architecture_of(header: GGUFHeader) -> GGUFArchitecture:
     if header.architecture not in ARCHITECTURES:
@@ -288,10 +313,12 @@ def _unpermute_rotary(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     return weight.reshape(num_heads, -1, 2, *rest).transpose(1, 2).reshape(weight.shape)
 
 
-def build_config(header: GGUFHeader) -> PretrainedConfig:
-    """The transformers config the file's metadata describes (transformers is imported here)."""
-    import transformers
+# Hyperparameters without which no model can be built: transformers' defaults for them are some other model's.
+_REQUIRED_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
+
+def _file_fields(header: GGUFHeader) -> dict[str, Any]:
+    """The config fields the file's metadata gives."""
     arch = architecture_of(header)
     metadata, prefix = header.metadata, header.architecture + "."
     fields = {field: metadata[prefix + key] for key, field in arch.config_keys.items() if prefix + key in metadata}
@@ -299,11 +326,49 @@ def build_config(header: GGUFHeader) -> PretrainedConfig:
     for field, key in [("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding")]:
         if f"tokenizer.ggml.{key}_token_id" in metadata:
             fields[field] = metadata[f"tokenizer.ggml.{key}_token_id"]
-    return getattr(transformers, arch.config_class)(
-        architectures=[arch.hf_architecture],
-        tie_word_embeddings=all(info.name != "output.weight" for info in header.tensors),
+    missing = [field for field in _REQUIRED_FIELDS if field not in fields]
+    if missing:
+        keys = {field: key for key, field in arch.config_keys.items()}
+        raise ValueError(f"{header.path} has no {', '.join(prefix + keys[f] for f in missing)} in its metadata.")
+    return {
+        "architectures": [arch.hf_architecture],
+        "tie_word_embeddings": all(info.name != "output.weight" for info in header.tensors),
         **fields,
-    )
+    }
+
+
+def build_config(header: GGUFHeader) -> PretrainedConfig:
+    """The config the file's metadata describes: a plain transformers `PretrainedConfig` holding the file's
+    fields and, where it is silent, what the architecture's own config class would give for the fields
+    pagedllm reads. The class itself is not imported: its module pulls in torch.distributed.tensor and
+    sympy (~1.7 s, most of the bundled model's start-up). `transformers_config` builds the class's own."""
+    from transformers import PretrainedConfig
+
+    arch = architecture_of(header)
+    fields = {**arch.defaults, **_file_fields(header)}
+    theta, local_theta = fields.pop("rope_theta"), fields.pop("rope_local_theta", None)
+    if fields["num_key_value_heads"] is None:
+        fields["num_key_value_heads"] = fields["num_attention_heads"]
+    if "head_dim" in fields and fields["head_dim"] is None:
+        fields["head_dim"] = fields["hidden_size"] // fields["num_attention_heads"]
+    if arch.sliding_window_pattern is None:
+        fields["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
+    else:  # layer i is global when i + 1 is a multiple of the pattern
+        n = arch.sliding_window_pattern
+        fields["layer_types"] = ["full_attention" if (i + 1) % n == 0 else "sliding_attention" for i in range(fields["num_hidden_layers"])]
+        fields["rope_parameters"] = {
+            "sliding_attention": {"rope_type": "default", "rope_theta": local_theta},
+            "full_attention": {"rope_type": "default", "rope_theta": theta},
+        }
+    return PretrainedConfig(**fields)
+
+
+def transformers_config(header: GGUFHeader) -> PretrainedConfig:
+    """The file's config as transformers' own class for the architecture (LlamaConfig, ...), for HF's
+    modeling code. The engine takes `build_config`'s, which holds the same values for what it reads."""
+    import transformers
+
+    return getattr(transformers, architecture_of(header).config_class)(**_file_fields(header))
 
 
 def permuted_heads(header: GGUFHeader) -> dict[str, int]:
@@ -327,6 +392,8 @@ class GGUFModel:
 
 def load_gguf_config_and_tokenizer(path: str) -> GGUFModel:
     """The model's config and tokenizer, from the GGUF metadata alone (no tensor data is read)."""
+    from pagedllm.loader.gguf_tokenizer import build_tokenizer
+
     header = read_gguf_header(path)
     return GGUFModel(build_config(header), build_tokenizer(header.metadata), path)
 
