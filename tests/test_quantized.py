@@ -30,7 +30,7 @@ from pagedllm.layers.quantized_linear import (
     q8_from_float,
 )
 from pagedllm.loader.gguf import iter_gguf_weights
-from pagedllm.loader.quantize import quantize_model, read_gguf_blocks
+from pagedllm.loader.quantize import StoredMatrix, quantize_model, read_gguf_blocks, tiles_from_gguf
 from pagedllm.worker.kv_cache import resolve_kv_cache_dtype
 from reference import check_logprobs_close, hf_greedy
 
@@ -97,6 +97,35 @@ def test_bundled_model_q4_matrices_match_the_dequantizing_loader(bundled_gguf):
     for name, tensor in dense.items():
         if name in packed:  # q/k rows unpermuted as the loader does
             assert torch.equal(packed[name].dequantize(), tensor), name
+
+
+def _stored(ggml_type: int, rows: int, heads: int | None = None) -> StoredMatrix:
+    values = np.random.default_rng(ggml_type + rows).standard_normal((rows, 128)).astype(np.float32)
+    raw = gguf.quants.quantize(values, gguf.GGMLQuantizationType(ggml_type))
+    return StoredMatrix(torch.from_numpy(raw).view(rows, 4, -1), ggml_type, heads)
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        [(GGML_Q4_1, 64, 2), (GGML_Q4_1, 32, 1), (GGML_Q4_1, 32, None)],  # q/k/v: llama.cpp's row order undone
+        [(GGML_Q4_0, 48, None), (GGML_Q4_1, 16, None)],  # types mixed among the parts
+        [(GGML_Q4_0, 64, 2)],
+        [(GGML_Q8_0, 40, None)],
+    ],
+)
+def test_tiles_written_from_the_file_equal_the_blocks_reordered(parts):
+    stored = [_stored(*part) for part in parts]
+    tiles = tiles_from_gguf(stored)
+    blocks = [m.blocks() for m in stored]
+    want = Tiles.of(blocks[0] if len(blocks) == 1 else Q4Blocks.cat(blocks))
+    assert torch.equal(tiles.qs, want.qs) and torch.equal(tiles.scales, want.scales) and tiles.rows == want.rows
+
+
+def test_tiles_from_the_file_leave_what_does_not_fall_on_groups_of_8_to_the_blocks():
+    assert tiles_from_gguf([_stored(GGML_Q4_1, 44)]) is None  # a partial group of 8
+    assert tiles_from_gguf([_stored(GGML_Q4_1, 48, heads=4)]) is None  # half a head: 6 rows
+    assert tiles_from_gguf([_stored(GGML_Q4_1, 32), _stored(GGML_Q8_0, 32)]) is None
 
 
 @needs_fast_kernel

@@ -102,6 +102,21 @@ class Tiles:
         scales = scales.view(groups, 8, k // BLOCK, -1).permute(0, 2, 3, 1).contiguous()
         return Tiles(bits, qs, scales, n)
 
+    @staticmethod
+    def empty(bits: int, n: int, k: int) -> Tiles:
+        """Tiles of an (n, k) matrix to be written through `row_views` (the padding rows are zeroed here)."""
+        groups, pad = -(-n // 8), -n % 8
+        qs = torch.empty(groups, k // BLOCK, BLOCK * bits // 32, 8, 4, dtype=torch.uint8 if bits == 4 else torch.int8)
+        scales = torch.empty(groups, k // BLOCK, 2 if bits == 4 else 1, 8, dtype=torch.float16)
+        if pad:
+            qs[-1, ..., 8 - pad :, :] = 0
+            scales[-1, ..., 8 - pad :] = 0
+        return Tiles(bits, qs, scales, n)
+
+    def row_views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of qs (groups, 8, K / 32, quads, 4) and scales (groups, 8, K / 32, 2 or 1) by row (row 8 g + j)."""
+        return self.qs.permute(0, 3, 1, 2, 4), self.scales.permute(0, 3, 1, 2)
+
     @property
     def shape(self) -> tuple[int, int]:
         return self.rows, self.qs.shape[1] * BLOCK

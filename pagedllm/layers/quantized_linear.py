@@ -114,10 +114,12 @@ class _QuantizedLinear(nn.Module):
 class BlockLinear(_QuantizedLinear):
     """Q4 or Q8 blocks through pagedllm's kernels (cpu_kernels.lib() must be there)."""
 
-    def __init__(self, weight: Q4Blocks | Q8Blocks, bias=None, tp=None) -> None:
+    def __init__(self, weight: Q4Blocks | Q8Blocks | cpu_kernels.Tiles, bias=None, tp=None) -> None:
+        """weight: blocks, reordered here for the kernels, or tiles written already (loader/quantize.py)."""
         super().__init__(*weight.shape, bias, torch.float32, tp)
-        self.format = "int4" if isinstance(weight, Q4Blocks) else "int8"
-        self.weight_tiles = cpu_kernels.Tiles.of(weight)  # the blocks, reordered for the kernels
+        tiles = weight if isinstance(weight, cpu_kernels.Tiles) else cpu_kernels.Tiles.of(weight)
+        self.format = "int4" if tiles.bits == 4 else "int8"
+        self.weight_tiles = tiles
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         return cpu_kernels.matmul(x.float(), self.weight_tiles).to(x.dtype)  # (no-ops in float32)
@@ -162,10 +164,10 @@ class Int8Linear(_QuantizedLinear):
         return self.q.float() * self.scales.float()[:, None]
 
 
-def quantized_from(layer: nn.Linear, weight: Q4Blocks | None, fmt: str, compute_dtype: torch.dtype) -> _QuantizedLinear:
+def quantized_from(layer: nn.Linear, weight: Q4Blocks | cpu_kernels.Tiles | None, fmt: str, compute_dtype: torch.dtype) -> _QuantizedLinear:
     """The quantized twin of a (Column|Row)ParallelLinear or plain nn.Linear: int4 from `weight`
-    (GGUF's own blocks) or, without one, from the layer's float weight; on pagedllm's kernels
-    when compute_dtype is float32, else on torch's."""
+    (GGUF's own blocks; tiles only for pagedllm's kernels) or, without one, from the layer's float
+    weight; on pagedllm's kernels when compute_dtype is float32, else on torch's."""
     tp = getattr(layer, "tp", None)
     reduce = tp if tp is not None and tp.world_size > 1 and hasattr(layer, "input_slice") else None
     bias = None if layer.bias is None else layer.bias.data
