@@ -518,6 +518,68 @@ static inline __attribute__((always_inline)) void accumulate_values(const float 
         for (int64_t i = 0; i < n; i++) o[d] += p[i] * load1(V, i * row + d, half);
 }
 
+/* score_chunk for two query rows at once (qa, qb: `group` heads each, dim a multiple of 8), four
+ * keys at a time: each key's vector is loaded (and converted) once for both rows. Each score is
+ * the same float operations as score_chunk's -- eight lane sums per key, reduced in the same tree
+ * -- so a row's scores do not depend on whether it was paired. */
+static inline __attribute__((always_inline)) void score_chunk2(const float *qa, const float *qb, int64_t group, int64_t dim,
+                                                               const void *K, int64_t row, int64_t n, float scale,
+                                                               float *sa, float *sb, int half) {
+    for (int64_t h = 0; h < group; h++) {
+        const float *q[2] = {qa + h * dim, qb + h * dim};
+        float *out[2] = {sa + h * MAX_CHUNK, sb + h * MAX_CHUNK};
+        for (int64_t i0 = 0; i0 < n; i0 += 4) {
+            const void *k[4];
+            for (int j = 0; j < 4; j++) k[j] = element(K, (i0 + j < n ? i0 + j : n - 1) * row, half);
+            __m256 a[2][4];
+            for (int r = 0; r < 2; r++)
+                for (int j = 0; j < 4; j++) a[r][j] = _mm256_setzero_ps();
+            for (int64_t d = 0; d < dim; d += 8) {
+                const __m256 q0 = _mm256_loadu_ps(q[0] + d), q1 = _mm256_loadu_ps(q[1] + d);
+                for (int j = 0; j < 4; j++) {
+                    const __m256 kv = load8(element(k[j], d, half), half);
+                    a[0][j] = _mm256_fmadd_ps(q0, kv, a[0][j]);
+                    a[1][j] = _mm256_fmadd_ps(q1, kv, a[1][j]);
+                }
+            }
+            for (int r = 0; r < 2; r++) {
+                const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a[r][0], a[r][1]), _mm256_hadd_ps(a[r][2], a[r][3]));
+                float s4[4];
+                _mm_storeu_ps(s4, _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
+                for (int j = 0; j < 4 && i0 + j < n; j++) out[r][i0 + j] = s4[j] * scale;
+            }
+        }
+    }
+}
+
+/* accumulate_values for two rows (dim a multiple of 32), 32 columns at a time: each value row is
+ * loaded once for both. Every output column is the same chain of fused multiply-adds over i as in
+ * accumulate_values. */
+static inline __attribute__((always_inline)) void accumulate_values2(const float *pa, const float *pb, const void *V,
+                                                                     int64_t row, int64_t n, float *oa, float *ob,
+                                                                     int64_t dim, int half) {
+    for (int64_t d = 0; d < dim; d += 32) {
+        __m256 acc[2][4];
+        for (int c = 0; c < 4; c++) {
+            acc[0][c] = _mm256_loadu_ps(oa + d + 8 * c);
+            acc[1][c] = _mm256_loadu_ps(ob + d + 8 * c);
+        }
+        for (int64_t i = 0; i < n; i++) {
+            const __m256 p0 = _mm256_set1_ps(pa[i]), p1 = _mm256_set1_ps(pb[i]);
+            const void *v = element(V, i * row + d, half);
+            for (int c = 0; c < 4; c++) {
+                const __m256 vv = load8(element(v, 8 * c, half), half);
+                acc[0][c] = _mm256_fmadd_ps(p0, vv, acc[0][c]);
+                acc[1][c] = _mm256_fmadd_ps(p1, vv, acc[1][c]);
+            }
+        }
+        for (int c = 0; c < 4; c++) {
+            _mm256_storeu_ps(oa + d + 8 * c, acc[0][c]);
+            _mm256_storeu_ps(ob + d + 8 * c, acc[1][c]);
+        }
+    }
+}
+
 #define ROW_TILE 16 /* query rows of one sequence that share each block while it is in cache */
 
 /* Query rows [0, rows) of one sequence, heads of kv heads [g0, g1): row r attends over the first
@@ -525,14 +587,14 @@ static inline __attribute__((always_inline)) void accumulate_values(const float 
  * softmax. The blocks are walked once for all the rows; each row takes from a block the part of
  * it in its own context, in the same pieces as it would alone, so its result is the same float
  * operations whatever rows it is computed with (a decode is one row). q rows q_stride apart, out
- * rows out_stride apart. scratch: (g1 - g0) * group * (MAX_CHUNK + 2 * rows) floats. */
+ * rows out_stride apart. scratch: (g1 - g0) * group * (2 * MAX_CHUNK + 2 * rows) floats. */
 static inline __attribute__((always_inline)) void attend(const float *q, int64_t q_stride, int64_t rows, int64_t len0,
                                                          int64_t window, int64_t group, int64_t dim, const void *k_cache,
                                                          const void *v_cache, const int32_t *table, int64_t kv_heads,
                                                          int64_t g0, int64_t g1, int64_t block_size, float scale,
                                                          float *out, int64_t out_stride, float *scratch, int half) {
     const int64_t heads = (g1 - g0) * group, row = kv_heads * dim, end = len0 + rows - 1;
-    float *scores = scratch, *top = scores + heads * MAX_CHUNK, *total = top + rows * heads;
+    float *scores = scratch, *pair = scores + heads * MAX_CHUNK, *top = pair + heads * MAX_CHUNK, *total = top + rows * heads;
     for (int64_t i = 0; i < rows * heads; i++) { top[i] = -INFINITY; total[i] = 0.0f; }
     for (int64_t r = 0; r < rows; r++) memset(out + r * out_stride, 0, heads * dim * sizeof(float));
     for (int64_t t0 = window > 0 && len0 > window ? len0 - window : 0; t0 < end;) {
@@ -545,6 +607,28 @@ static inline __attribute__((always_inline)) void attend(const float *q, int64_t
             const int64_t len = len0 + r, start = window > 0 && len > window ? len - window : 0;
             const int64_t from = t0 > start ? t0 : start, to = t0 + n < len ? t0 + n : len;
             if (from >= to) continue;
+            if (dim % 32 == 0 && r + 1 < rows && to == t0 + n && (window <= 0 || len + 1 <= window || len + 1 - window <= from)) {
+                /* rows r and r + 1 take the same part of this piece: their keys and values are read once */
+                const int64_t base = ((int64_t)table[from / block_size] * block_size + from % block_size) * row;
+                const float *qa = q + r * q_stride, *qb = qa + q_stride;
+                float *oa = out + r * out_stride, *ob = oa + out_stride;
+                float *ta = top + r * heads, *tb = ta + heads, *sa = total + r * heads, *sb = sa + heads;
+                for (int64_t g = g0; g < g1; g++) {
+                    const int64_t h0 = (g - g0) * group;
+                    float *ca = scores + h0 * MAX_CHUNK, *cb = pair + h0 * MAX_CHUNK;
+                    score_chunk2(qa + h0 * dim, qb + h0 * dim, group, dim, element(k_cache, base + g * dim, half), row,
+                                 to - from, scale, ca, cb, half);
+                    for (int64_t h = 0; h < group; h++) {
+                        softmax_chunk(ca + h * MAX_CHUNK, to - from, ta + h0 + h, sa + h0 + h, oa + (h0 + h) * dim, dim);
+                        softmax_chunk(cb + h * MAX_CHUNK, to - from, tb + h0 + h, sb + h0 + h, ob + (h0 + h) * dim, dim);
+                    }
+                    for (int64_t h = 0; h < group; h++)
+                        accumulate_values2(ca + h * MAX_CHUNK, cb + h * MAX_CHUNK, element(v_cache, base + g * dim, half), row,
+                                           to - from, oa + (h0 + h) * dim, ob + (h0 + h) * dim, dim, half);
+                }
+                r++;
+                continue;
+            }
             const int64_t base = ((int64_t)table[from / block_size] * block_size + from % block_size) * row;
             const float *qr = q + r * q_stride;
             float *o = out + r * out_stride, *top_r = top + r * heads, *total_r = total + r * heads;
@@ -598,7 +682,7 @@ int paged_attention(const float *q, int64_t q_stride, const void *k_cache, const
     int failed = 0;
 #pragma omp parallel if (work * H * dim >= 1 << 18)
     {
-        float *scratch = malloc(per_task * group * (MAX_CHUNK + 2 * ROW_TILE) * sizeof(float));
+        float *scratch = malloc(per_task * group * (2 * MAX_CHUNK + 2 * ROW_TILE) * sizeof(float));
         if (scratch == NULL) failed = 1;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < tiles * split; task++) {
