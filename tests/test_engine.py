@@ -39,6 +39,28 @@ def test_greedy_matches_hf_batched_with_chunked_prefill(llm, hf_model):
         check_logprobs_close(output.outputs[0], hf_tokens, hf_logprobs)
 
 
+def test_bfloat16_greedy_matches_hf_in_bfloat16(bundled_gguf):
+    """The bundled model in bfloat16 (dtype auto on CPUs with native bf16) against HF's in
+    bfloat16: on the CPU through pagedllm's kernels over a bfloat16 KV cache, prefill chunked
+    across KV blocks and several contexts in one decode step."""
+    import os
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pagedllm import LLM
+
+    llm = LLM(dtype="bfloat16", max_num_batched_tokens=64, max_num_seqs=8, kv_cache_memory="64MiB", max_model_len=512)
+    assert llm.engine.core.executor.model_info.config.cache_dtype == torch.bfloat16
+    folder, name = os.path.split(bundled_gguf)
+    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.bfloat16).eval()
+    prompts = [PROMPTS[0], PROMPTS[5]]  # 5 and ~70 tokens
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10, logprobs=5, ignore_eos=True))
+    for output in outputs:
+        hf_tokens, hf_logprobs = hf_greedy(hf, output.prompt_token_ids, 10)
+        check_logprobs_close(output.outputs[0], hf_tokens, hf_logprobs, atol=0.1)
+
+
 def test_prompt_logprobs_match_hf(llm, hf_model):
     import torch
 

@@ -1,8 +1,8 @@
 """The fused kernels against the torch code of the layers they stand in for: the Triton ones
 (layers/triton_ops.py) on CPU through Triton's interpreter (TRITON_INTERPRET=1, set before
 triton is imported; scripts/gpu_kernels.py runs the same comparisons on the GPU), and
-pagedllm's compiled CPU ones (layers/cpu_ops.py, float32), with the paged KV cache write and
-decode attention against the torch attention backend.
+pagedllm's compiled CPU ones (layers/cpu_ops.py, float32 and bfloat16), with the paged KV cache
+write and attention against the torch attention backend.
 
 The reference is the layer's own torch path (PAGEDLLM_FUSED_KERNELS=0 here, so layers never
 take a kernel), so a change to either side that breaks their agreement fails here. Hidden
@@ -24,12 +24,17 @@ from pagedllm.layers.activation import GeluAndMul, SiluAndMul  # noqa: E402
 from pagedllm.layers.norm import RMSNorm  # noqa: E402
 from pagedllm.layers.rotary import RotaryEmbedding  # noqa: E402
 
-# Half precision is checked with fp16 here: the interpreter converts fp32 to bf16 by
+# Triton's half precision is checked with fp16 here: the interpreter converts fp32 to bf16 by
 # truncation, not round-to-nearest as the GPU and torch do (scripts/gpu_kernels.py checks
-# bf16 on the GPU). Results are rounded where the torch code rounds; they may still differ
-# by an ulp where an fp32 sum runs in another order.
-TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=4e-3, rtol=2e-3)}
-DTYPES = [torch.float32, torch.float16]
+# bf16 on the GPU); the CPU kernels take float32 and bfloat16. Results are rounded where the
+# torch code rounds; they may still differ by an ulp where an fp32 sum runs in another order.
+TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=4e-3, rtol=2e-3),
+             torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2)}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+CPU_DTYPES = (torch.float32, torch.bfloat16)
+# (activations, KV cache) of the CPU attention: float32 models with each cache, bfloat16 ones with theirs and float16
+ACTIVATION_AND_CACHE_DTYPES = [(torch.float32, torch.float32), (torch.float32, torch.float16), (torch.float32, torch.bfloat16),
+                               (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float16)]  # fmt: skip
 
 
 def _triton_ops():
@@ -47,8 +52,10 @@ def _cpu_ops():
 
 @pytest.fixture(params=["triton", "cpu"])
 def ops(request, dtype):
-    if request.param == "cpu" and dtype != torch.float32:
-        pytest.skip("the CPU kernels are float32")
+    if request.param == "cpu" and dtype not in CPU_DTYPES:
+        pytest.skip("the CPU kernels take float32 and bfloat16")
+    if request.param == "triton" and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter truncates to bfloat16 (checked on the GPU: scripts/gpu_kernels.py)")
     return _triton_ops() if request.param == "triton" else _cpu_ops()
 
 
@@ -161,13 +168,14 @@ def _decode_metadata(block_tables: torch.Tensor, seq_lens: list[int]) -> Attenti
 @pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [(9, 3, 64), (4, 4, 100), (8, 1, 128)])
 @pytest.mark.parametrize("sliding_window", [None, 20])
 @pytest.mark.parametrize("batch", [4, 40])
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
-def test_cpu_paged_decode_attention(num_heads, num_kv_heads, head_dim, sliding_window, batch, cache_dtype):
+@pytest.mark.parametrize("dtype, cache_dtype", ACTIVATION_AND_CACHE_DTYPES)
+def test_cpu_paged_decode_attention(num_heads, num_kv_heads, head_dim, sliding_window, batch, dtype, cache_dtype):
     """The CPU kernels' cache write and decode attention (blocks read in place) against the torch
     backend's (gathered, padded, masked): GQA groups, a head dim with a tail, contexts of several
     lengths over scattered blocks, a sliding window, and v a strided view of a qkv output. A few
-    sequences split their kv heads over threads; many are one task each. A float16 cache is
-    written with the same rounding as torch's and read back into float32 arithmetic."""
+    sequences split their kv heads over threads; many are one task each. A float16 or bfloat16
+    cache is written with the same rounding as torch's and read back into float32 arithmetic;
+    bfloat16 queries are widened, the result rounded once."""
     ops = _cpu_ops()
     lens = [[1, 37, 90, 16][b % 4] + b % 7 for b in range(batch)]
     num_blocks = 6 * batch + 16
@@ -175,8 +183,8 @@ def test_cpu_paged_decode_attention(num_heads, num_kv_heads, head_dim, sliding_w
     meta = _decode_metadata(tables, lens)
     k_cache = randn(num_blocks, 16, num_kv_heads, head_dim, dtype=cache_dtype, seed=6)
     v_cache = randn(num_blocks, 16, num_kv_heads, head_dim, dtype=cache_dtype, seed=7)
-    query = randn(batch, num_heads, head_dim, dtype=torch.float32, seed=8)
-    kv = randn(batch, 3 * num_kv_heads * head_dim, dtype=torch.float32, seed=9)  # [k | v | other]
+    query = randn(batch, num_heads, head_dim, dtype=dtype, seed=8)
+    kv = randn(batch, 3 * num_kv_heads * head_dim, dtype=dtype, seed=9)  # [k | v | other]
     key = kv[:, : num_kv_heads * head_dim].view(batch, num_kv_heads, head_dim)
     value = kv[:, num_kv_heads * head_dim : 2 * num_kv_heads * head_dim].view(batch, num_kv_heads, head_dim)
     want_k, want_v = k_cache.clone(), v_cache.clone()
@@ -185,7 +193,8 @@ def test_cpu_paged_decode_attention(num_heads, num_kv_heads, head_dim, sliding_w
     ops.write_kv_cache(key, value, got_k, got_v, meta.slot_mapping)
     assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
     got = ops.paged_attention(query, got_k, got_v, tables, meta.seq_lens, head_dim**-0.5, sliding_window)
-    torch.testing.assert_close(got, want, **TOLERANCE[torch.float32])
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, want, **TOLERANCE[dtype])
 
 
 def test_cpu_cache_write_skips_padding_slots():
@@ -198,8 +207,8 @@ def test_cpu_cache_write_skips_padding_slots():
 
 
 @pytest.mark.parametrize("sliding_window", [None, 20])
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
-def test_cpu_paged_attention_of_a_mixed_step(sliding_window, cache_dtype):
+@pytest.mark.parametrize("dtype, cache_dtype", ACTIVATION_AND_CACHE_DTYPES)
+def test_cpu_paged_attention_of_a_mixed_step(sliding_window, dtype, cache_dtype):
     """A step of two decodes and three prefill chunks (a whole prompt longer than a row tile, the
     rest of a prompt after 37 cached tokens, one token after 16) through the CPU kernel against the
     torch backend's SDPA; and each token's row bit for bit the same when its prompt is cut
@@ -220,13 +229,13 @@ def test_cpu_paged_attention_of_a_mixed_step(sliding_window, cache_dtype):
     tokens = starts[-1]
     k_cache = randn(40, block, kv_heads, dim, dtype=cache_dtype, seed=1)
     v_cache = randn(40, block, kv_heads, dim, dtype=cache_dtype, seed=2)
-    query, key, value = (randn(tokens, h, dim, dtype=torch.float32, seed=s) for h, s in ((heads, 3), (kv_heads, 4), (kv_heads, 5)))
+    query, key, value = (randn(tokens, h, dim, dtype=dtype, seed=s) for h, s in ((heads, 3), (kv_heads, 4), (kv_heads, 5)))
     want_k, want_v = k_cache.clone(), v_cache.clone()
     want = TorchAttentionBackend().forward(query, key, value, want_k, want_v, meta, dim**-0.5, sliding_window)
     ops.write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
     got = ops.paged_attention(query, k_cache, v_cache, tables, meta.seq_lens, dim**-0.5, sliding_window, meta.query_start_loc)
-    torch.testing.assert_close(got, want, **TOLERANCE[torch.float32])
+    torch.testing.assert_close(got, want, **TOLERANCE[dtype])
     # the 40-token prompt (rows 2..41) cut after 13 and after 30 tokens: the same rows, bit for bit
     first, whole = starts[2], got[starts[2] : starts[3]]
     for cut in (13, 30):

@@ -6,8 +6,8 @@ one sequence at a time (causal with an offset: the chunk's queries sit at the en
 of the context). The cache may be kept in another dtype than the model's (kv_cache_dtype:
 float16 on a float32 CPU model): written rounded to it, read back in the query's.
 
-On the CPU in float32, where pagedllm's compiled kernels run (layers/cpu_ops.py), the cache
-write and every token's attention go through them instead, prefill tokens included: each
+On the CPU in float32 or bfloat16, where pagedllm's compiled kernels run (layers/cpu_ops.py),
+the cache write and every token's attention go through them instead, prefill tokens included: each
 query token is one row of the paged kernel, over its own context (its position + 1 tokens,
 the blocks read in place, shared by up to 16 rows of a prompt while in cache). So a token's
 attention is the same sequence of float operations however its prompt was cut -- one
@@ -67,7 +67,7 @@ class TorchAttentionBackend:
     def forward(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                 sliding_window: int | None = None) -> torch.Tensor:
         cpu_ops = cpu_ops_for(query)
-        if cpu_ops is not None and k_cache.dtype not in cpu_ops.CACHE_DTYPES:  # (a bfloat16 cache)
+        if cpu_ops is not None and k_cache.dtype not in cpu_ops.CACHE_DTYPES:
             cpu_ops = None
         if cpu_ops is not None:
             cpu_ops.write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)

@@ -1,6 +1,7 @@
 """pagedllm's own CPU kernels (layers/csrc/cpu_kernels.c) for x86-64 CPUs with AVX2, FMA and
 F16C: integer dot products on 4- and 8-bit weight blocks, as GGUF defines them (here), and the
-float32 elementwise work and paged attention of a decode step (layers/cpu_ops.py).
+elementwise work and paged attention of a step, on float32 or bfloat16 activations with float32
+arithmetic (layers/cpu_ops.py).
 
 The C file is compiled at first use with the system's C compiler (under a second, no build step
 at install), cached by the hash of its source and flags in ~/.cache/pagedllm/cpu_kernels, and
@@ -171,16 +172,20 @@ def load() -> ctypes.CDLL | None:
     return library
 
 
-_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_P, _I, _F, _T = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+# The C kernels' type codes (cpu_kernels.c, "number formats"): activations float32 or bfloat16,
+# KV caches any of the three.
+TYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
 _SIGNATURES = {  # the C functions: (return type, argument types)
     "matmul_q4": (ctypes.c_int, [_P, _P, _P, _P, _I, _I, _I]),
     "matmul_q8": (ctypes.c_int, [_P, _P, _P, _P, _I, _I, _I]),
-    "rms_norm": (None, [_P, _I, _P, _I, _P, _F, _P, _P, _I, _I]),
-    "act_and_mul": (None, [_P, _I, _P, _I, _I, ctypes.c_int]),
-    "rotary": (None, [_P, _I, _I, _I, _I, _P, _P]),
-    "write_kv": (None, [_P, _I, _P, _I, _P, _P, _P, _I, _I, ctypes.c_int]),
-    "paged_attention": (ctypes.c_int, [_P, _I, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _F, _I, _P, ctypes.c_int]),
-    "decode_layers": (ctypes.c_int, [_P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _F, _P, _P, _P, _P, _I, _P, _I, _F, ctypes.c_int]),
+    "rms_norm": (None, [_P, _I, _P, _I, _P, _F, _P, _P, _I, _I, _T]),
+    "act_and_mul": (None, [_P, _I, _P, _I, _I, _T, _T]),
+    "rotary": (None, [_P, _I, _I, _I, _I, _P, _P, _T]),
+    "write_kv": (None, [_P, _I, _P, _I, _P, _P, _P, _I, _I, _T, _T]),
+    "paged_attention": (ctypes.c_int, [_P, _I, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _F, _I, _P, _T, _T]),
+    "decode_layers": (ctypes.c_int, [_P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _F, _P, _P, _P, _P, _I, _P, _I, _F, _T]),
 }
 
 

@@ -1,12 +1,12 @@
 """Whether a layer's forward takes fused kernels: the Triton ones on CUDA (layers/triton_ops.py),
-pagedllm's compiled ones on the CPU in float32 (layers/cpu_ops.py); both modules offer the same
-functions (rms_norm, rotary_inplace_, silu_and_mul, gelu_tanh_and_mul).
+pagedllm's compiled ones on the CPU in float32 and bfloat16 (layers/cpu_ops.py); both modules offer
+the same functions (rms_norm, rotary_inplace_, silu_and_mul, gelu_tanh_and_mul).
 
 They run unless PAGEDLLM_FUSED_KERNELS is "0" (the switch is for A/B measurements and for
 bisecting a numerical difference) and where their compiler is there (Triton imports; the C
 compiler worked, layers/cpu_kernels.py). The decision is taken once per process: a layer asks
 on every forward, and an environment lookup per call would cost more host time than the kernel
-saves on small models. Other tensors (CPU bfloat16) take the torch code.
+saves on small models. Other tensors (CPU float16) take the torch code.
 """
 
 from __future__ import annotations
@@ -25,8 +25,11 @@ def fused_ops_for(x: torch.Tensor) -> ModuleType | None:
 
 
 def cpu_ops_for(x: torch.Tensor) -> ModuleType | None:
-    """pagedllm.layers.cpu_ops if x is a float32 CPU tensor and the kernels run here, else None."""
-    return _cpu_ops() if x.dtype == torch.float32 and x.device.type == "cpu" else None
+    """pagedllm.layers.cpu_ops if x is a float32 or bfloat16 CPU tensor and the kernels run here, else None."""
+    return _cpu_ops() if x.dtype in _CPU_DTYPES and x.device.type == "cpu" else None
+
+
+_CPU_DTYPES = (torch.float32, torch.bfloat16)  # cpu_ops.ACTIVATION_DTYPES (not imported: it compiles the kernels)
 
 
 @functools.cache

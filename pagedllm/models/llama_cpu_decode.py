@@ -22,10 +22,13 @@ from torch import nn
 from pagedllm.attention.metadata import AttentionMetadata
 from pagedllm.layers.activation import SiluAndMul
 from pagedllm.layers.cpu_kernels import DecoderLayer, lib
-from pagedllm.layers.cpu_ops import cache_is_half, context_arrays
+from pagedllm.layers.cpu_ops import cache_type, context_arrays
 from pagedllm.layers.fused import cpu_ops_for
 from pagedllm.layers.norm import RMSNorm
 from pagedllm.layers.quantized_linear import BlockLinear
+
+
+_CACHE_DTYPES = (torch.float32, torch.float16)  # those of the quantized steps (bfloat16 models take the layers)
 
 
 class CpuDecodeLayers:
@@ -47,7 +50,8 @@ class CpuDecodeLayers:
         from pagedllm.models.llama import LlamaAttention  # (llama imports this module)
 
         ops = cpu_ops_for(x)
-        if ops is None or lib() is None or not len(layers) or layers[0].self_attn.attn.k_cache.dtype not in ops.CACHE_DTYPES:
+        cache = layers[0].self_attn.attn.k_cache if len(layers) else None
+        if ops is None or lib() is None or x.dtype != torch.float32 or cache is None or cache.dtype not in _CACHE_DTYPES:
             return None
         for layer in layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -74,7 +78,7 @@ class CpuDecodeLayers:
             self._layer_table(), len(self.layers), x.data_ptr(), residual.data_ptr(), x.shape[0], self.hidden,
             self.heads, self.kv_heads, self.dim, self.inter, self.eps, positions.data_ptr(), self.cos_sin.data_ptr(),
             slots.data_ptr(), tables.data_ptr(), tables.stride(0), lens.data_ptr(), cache.shape[1], self.scale,
-            cache_is_half(cache),
+            cache_type(cache),
         )
         if status:
             raise MemoryError("out of memory for a decode step's activations")

@@ -1,5 +1,6 @@
 /* CPU kernels for pagedllm (x86-64 with AVX2, FMA and F16C), compiled at first use by
- * layers/cpu_kernels.py and called through ctypes. Float32 throughout. Matrices are row-major;
+ * layers/cpu_kernels.py and called through ctypes. Float32 arithmetic throughout, on float32 or
+ * bfloat16 activations (see number formats, below). Matrices are row-major;
  * a row stride is given where the rows may be a view into a wider tensor (q, k and v are column
  * slices of one qkv projection); every K of a quantized product is a multiple of 32.
  *
@@ -39,6 +40,87 @@ static inline float hsum(__m256 v) {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
+
+/* ---------------------------------------------------------------- number formats
+ *
+ * Activations are float32 or bfloat16 (a bfloat16 model's), KV caches float32, float16 or
+ * bfloat16. Every kernel computes in float32: it widens what it loads and rounds to nearest even
+ * where it stores (as torch rounds). A bfloat16 is the upper half of a float32, so widening one is
+ * a 16-bit shift, and AVX2 is enough for all of it. The type is a constant at each call of the
+ * always-inline loops below, so the float32 loops compile to what they were before bfloat16. */
+enum { F32 = 0, F16 = 1, BF16 = 2 };
+
+static inline int64_t type_size(int t) { return t == F32 ? 4 : 2; }
+
+/* Element i of an array of type t. */
+static inline void *element(const void *p, int64_t i, int t) { return (char *)p + i * type_size(t); }
+
+static inline __m256 bf16x8_to_f32(__m128i h) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* Round to nearest even (torch's rule; NaN -> 0x7FC0): add 0x7FFF and the kept part's last bit. */
+static inline __m128i f32x8_to_bf16(__m256 v) {
+    const __m256i x = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(x, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF)));
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC00000), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    r = _mm256_srli_epi32(r, 16); /* < 2^16: the unsigned-saturating pack keeps it */
+    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if (f != f) return 0x7FC0;
+    return (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+/* 8 values at p of type t, as floats; one value, element i. */
+static inline __m256 load8(const void *p, int t) {
+    if (t == F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    if (t == BF16) return bf16x8_to_f32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_loadu_ps((const float *)p);
+}
+
+static inline float load1(const void *p, int64_t i, int t) {
+    if (t == F16) return _cvtsh_ss(((const uint16_t *)p)[i]);
+    if (t == BF16) return bf16_to_f32(((const uint16_t *)p)[i]);
+    return ((const float *)p)[i];
+}
+
+static inline void store8(void *p, __m256 v, int t) {
+    if (t == F16) {
+        _mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    } else if (t == BF16) {
+        _mm_storeu_si128((__m128i *)p, f32x8_to_bf16(v));
+    } else {
+        _mm256_storeu_ps((float *)p, v);
+    }
+}
+
+static inline void store1(void *p, int64_t i, float v, int t) {
+    if (t == F16) {
+        ((uint16_t *)p)[i] = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT);
+    } else if (t == BF16) {
+        ((uint16_t *)p)[i] = f32_to_bf16(v);
+    } else {
+        ((float *)p)[i] = v;
+    }
+}
+
+/* v rounded to type t (and widened back): where torch's code of a bfloat16 model stores an
+ * intermediate result, the kernel rounds it too. */
+static inline __m256 round8(__m256 v, int t) { return t == BF16 ? bf16x8_to_f32(f32x8_to_bf16(v)) : v; }
+
+static inline float round1(float v, int t) { return t == BF16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
 
 /* ---------------------------------------------------------------- activations -> int8 blocks */
 
@@ -310,36 +392,47 @@ static inline __m256 exp8(__m256 x) {
 }
 
 /* out = x * rsqrt(mean(x^2) + eps) * w over rows of `hidden`; with a residual, x + residual
- * first, stored to res_out (which may be the residual itself). */
-void rms_norm(const float *x, int64_t x_stride, const float *residual, int64_t res_stride, const float *w, float eps,
-              float *out, float *res_out, int64_t rows, int64_t hidden) {
+ * first, stored to res_out (which may be the residual itself). Everything of type t; in bfloat16
+ * rounded where torch's code rounds: the sum, the normalized x, the product with w. */
+static inline __attribute__((always_inline)) void rms_norm_t(const void *x, int64_t x_stride, const void *residual,
+                                                             int64_t res_stride, const void *w, float eps, void *out,
+                                                             void *res_out, int64_t rows, int64_t hidden, int t) {
     for (int64_t r = 0; r < rows; r++) {
-        const float *xr = x + r * x_stride;
-        float *o = out + r * hidden;
-        float *s = residual ? res_out + r * hidden : NULL;
+        const void *xr = element(x, r * x_stride, t), *rr = residual ? element(residual, r * res_stride, t) : NULL;
+        void *o = element(out, r * hidden, t), *s = residual ? element(res_out, r * hidden, t) : NULL;
         __m256 sq = _mm256_setzero_ps();
         int64_t i = 0;
         for (; i + 8 <= hidden; i += 8) {
-            __m256 v = _mm256_loadu_ps(xr + i);
+            __m256 v = load8(element(xr, i, t), t);
             if (residual) {
-                v = _mm256_add_ps(v, _mm256_loadu_ps(residual + r * res_stride + i));
-                _mm256_storeu_ps(s + i, v);
+                v = round8(_mm256_add_ps(v, load8(element(rr, i, t), t)), t);
+                store8(element(s, i, t), v, t);
             }
             sq = _mm256_fmadd_ps(v, v, sq);
         }
         float total = hsum(sq);
         for (; i < hidden; i++) {
-            const float v = residual ? (s[i] = xr[i] + residual[r * res_stride + i]) : xr[i];
+            float v = load1(xr, i, t);
+            if (residual) store1(s, i, v = round1(v + load1(rr, i, t), t), t);
             total += v * v;
         }
-        const float *src = residual ? s : xr;
+        const void *src = residual ? s : xr;
         const float inv = 1.0f / sqrtf(total / (float)hidden + eps);
         const __m256 scale = _mm256_set1_ps(inv);
         for (i = 0; i + 8 <= hidden; i += 8) {
-            const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(src + i), scale);
-            _mm256_storeu_ps(o + i, _mm256_mul_ps(v, _mm256_loadu_ps(w + i)));
+            const __m256 v = round8(_mm256_mul_ps(load8(element(src, i, t), t), scale), t);
+            store8(element(o, i, t), _mm256_mul_ps(v, load8(element(w, i, t), t)), t);
         }
-        for (; i < hidden; i++) o[i] = src[i] * inv * w[i];
+        for (; i < hidden; i++) store1(o, i, round1(load1(src, i, t) * inv, t) * load1(w, i, t), t);
+    }
+}
+
+void rms_norm(const void *x, int64_t x_stride, const void *residual, int64_t res_stride, const void *w, float eps,
+              void *out, void *res_out, int64_t rows, int64_t hidden, int type) {
+    if (type == BF16) {
+        rms_norm_t(x, x_stride, residual, res_stride, w, eps, out, res_out, rows, hidden, BF16);
+    } else {
+        rms_norm_t(x, x_stride, residual, res_stride, w, eps, out, res_out, rows, hidden, F32);
     }
 }
 
@@ -356,90 +449,94 @@ static inline __m256 act8(__m256 v, int act) {
     return _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
 }
 
-/* x = [gate | up] (rows, 2 width), rows x_stride apart -> out (rows, width) = act(gate) * up. */
-void act_and_mul(const float *x, int64_t x_stride, float *out, int64_t rows, int64_t width, int act) {
+/* x = [gate | up] (rows, 2 width), rows x_stride apart -> out (rows, width) = act(gate) * up, of
+ * type t; in bfloat16 act(gate) is rounded before the product, as torch's code rounds it. */
+static inline __attribute__((always_inline)) void act_and_mul_t(const void *x, int64_t x_stride, void *out, int64_t rows,
+                                                                int64_t width, int act, int t) {
     for (int64_t r = 0; r < rows; r++) {
-        const float *g = x + r * x_stride, *u = g + width;
-        float *o = out + r * width;
+        const void *g = element(x, r * x_stride, t), *u = element(g, width, t);
+        void *o = element(out, r * width, t);
         int64_t i = 0;
         for (; i + 8 <= width; i += 8) {
-            _mm256_storeu_ps(o + i, _mm256_mul_ps(act8(_mm256_loadu_ps(g + i), act), _mm256_loadu_ps(u + i)));
+            const __m256 a = round8(act8(load8(element(g, i, t), t), act), t);
+            store8(element(o, i, t), _mm256_mul_ps(a, load8(element(u, i, t), t)), t);
         }
         if (i < width) { /* the tail, through a zero-padded vector */
             float gt[8] = {0}, at[8];
-            memcpy(gt, g + i, (width - i) * sizeof(float));
+            for (int64_t j = i; j < width; j++) gt[j - i] = load1(g, j, t);
             _mm256_storeu_ps(at, act8(_mm256_loadu_ps(gt), act));
-            for (int64_t j = i; j < width; j++) o[j] = at[j - i] * u[j];
+            for (int64_t j = i; j < width; j++) store1(o, j, round1(at[j - i], t) * load1(u, j, t), t);
         }
     }
 }
 
-/* Rotate x (tokens, heads, dim) in place ("rotate half": [x1 | x2] -> [x1 c - x2 s | x2 c + x1 s]),
- * token t by row positions[t] of cos_sin (max_position, dim) = [cos | sin]. Heads are dim apart
- * inside a token's row; rows are x_stride apart. */
-void rotary(float *x, int64_t x_stride, int64_t tokens, int64_t heads, int64_t dim, const int64_t *positions,
-            const float *cos_sin) {
+void act_and_mul(const void *x, int64_t x_stride, void *out, int64_t rows, int64_t width, int act, int type) {
+    if (type == BF16) {
+        act_and_mul_t(x, x_stride, out, rows, width, act, BF16);
+    } else {
+        act_and_mul_t(x, x_stride, out, rows, width, act, F32);
+    }
+}
+
+/* Rotate x (tokens, heads, dim) of type t in place ("rotate half": [x1 | x2] -> [x1 c - x2 s |
+ * x2 c + x1 s]), token t by row positions[t] of cos_sin (max_position, dim) = [cos | sin], float32;
+ * in float32, rounded once to t. Heads are dim apart inside a token's row; rows are x_stride apart. */
+static inline __attribute__((always_inline)) void rotary_t(void *x, int64_t x_stride, int64_t tokens, int64_t heads,
+                                                           int64_t dim, const int64_t *positions, const float *cos_sin,
+                                                           int t) {
     const int64_t half = dim / 2;
-    for (int64_t t = 0; t < tokens; t++) {
-        const float *c = cos_sin + positions[t] * dim, *sn = c + half;
+    for (int64_t tok = 0; tok < tokens; tok++) {
+        const float *c = cos_sin + positions[tok] * dim, *sn = c + half;
         for (int64_t h = 0; h < heads; h++) {
-            float *x1 = x + t * x_stride + h * dim, *x2 = x1 + half;
+            void *x1 = element(x, tok * x_stride + h * dim, t), *x2 = element(x1, half, t);
             int64_t i = 0;
             for (; i + 8 <= half; i += 8) {
-                const __m256 a = _mm256_loadu_ps(x1 + i), b = _mm256_loadu_ps(x2 + i);
+                const __m256 a = load8(element(x1, i, t), t), b = load8(element(x2, i, t), t);
                 const __m256 cv = _mm256_loadu_ps(c + i), sv = _mm256_loadu_ps(sn + i);
-                _mm256_storeu_ps(x1 + i, _mm256_sub_ps(_mm256_mul_ps(a, cv), _mm256_mul_ps(b, sv)));
-                _mm256_storeu_ps(x2 + i, _mm256_add_ps(_mm256_mul_ps(b, cv), _mm256_mul_ps(a, sv)));
+                store8(element(x1, i, t), _mm256_sub_ps(_mm256_mul_ps(a, cv), _mm256_mul_ps(b, sv)), t);
+                store8(element(x2, i, t), _mm256_add_ps(_mm256_mul_ps(b, cv), _mm256_mul_ps(a, sv)), t);
             }
             for (; i < half; i++) {
-                const float a = x1[i], b = x2[i];
-                x1[i] = a * c[i] - b * sn[i];
-                x2[i] = b * c[i] + a * sn[i];
+                const float a = load1(x1, i, t), b = load1(x2, i, t);
+                store1(x1, i, a * c[i] - b * sn[i], t);
+                store1(x2, i, b * c[i] + a * sn[i], t);
             }
         }
+    }
+}
+
+void rotary(void *x, int64_t x_stride, int64_t tokens, int64_t heads, int64_t dim, const int64_t *positions,
+            const float *cos_sin, int type) {
+    if (type == BF16) {
+        rotary_t(x, x_stride, tokens, heads, dim, positions, cos_sin, BF16);
+    } else {
+        rotary_t(x, x_stride, tokens, heads, dim, positions, cos_sin, F32);
     }
 }
 
 /* ---------------------------------------------------------------- paged KV cache */
 
-/* Token t's key and value rows (row floats each, rows k_stride / v_stride apart) to cache slot
- * slots[t] of k_cache / v_cache (num_slots, row); a slot of -1 (padding) is skipped. */
-/* A row of n floats into a cache row of float32, or of float16 (half: rounded to nearest). */
-static inline void store_row(void *dst, const float *src, int64_t n, int half) {
-    if (!half) {
-        memcpy(dst, src, n * sizeof(float));
+/* n values of type a at src to dst as type c (rounded to it). */
+static inline void store_row(void *dst, const void *src, int64_t n, int a, int c) {
+    if (a == c) {
+        memcpy(dst, src, n * type_size(c));
         return;
     }
-    uint16_t *d = dst;
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm_storeu_si128((__m128i *)(d + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-    for (; i < n; i++) d[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
+    for (; i + 8 <= n; i += 8) store8(element(dst, i, c), load8(element(src, i, a), a), c);
+    for (; i < n; i++) store1(dst, i, load1(src, i, a), c);
 }
 
-/* k, v (tokens, row) -> the caches' rows slots[t] (skipped where negative); half: float16 caches. */
-void write_kv(const float *k, int64_t k_stride, const float *v, int64_t v_stride, void *k_cache, void *v_cache,
-              const int64_t *slots, int64_t tokens, int64_t row, int half) {
-    const int64_t size = half ? 2 : 4;
+/* Token t's key and value rows (row values each, of act_type; rows k_stride / v_stride apart) to
+ * cache slot slots[t] of k_cache / v_cache (num_slots, row) of cache_type, rounded to it; a slot
+ * of -1 (padding) is skipped. */
+void write_kv(const void *k, int64_t k_stride, const void *v, int64_t v_stride, void *k_cache, void *v_cache,
+              const int64_t *slots, int64_t tokens, int64_t row, int act_type, int cache_type) {
     for (int64_t t = 0; t < tokens; t++) {
         if (slots[t] < 0) continue;
-        store_row((char *)k_cache + slots[t] * row * size, k + t * k_stride, row, half);
-        store_row((char *)v_cache + slots[t] * row * size, v + t * v_stride, row, half);
+        store_row(element(k_cache, slots[t] * row, cache_type), element(k, t * k_stride, act_type), row, act_type, cache_type);
+        store_row(element(v_cache, slots[t] * row, cache_type), element(v, t * v_stride, act_type), row, act_type, cache_type);
     }
-}
-
-/* 8 cache values from p (float32, or float16 where half) as floats; one value. */
-static inline __m256 load8(const void *p, int half) {
-    return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)) : _mm256_loadu_ps((const float *)p);
-}
-
-static inline float load1(const void *p, int64_t i, int half) {
-    return half ? _cvtsh_ss(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-/* The cache element i of a float32 or float16 cache. */
-static inline const void *element(const void *cache, int64_t i, int half) {
-    return (const char *)cache + i * (half ? 2 : 4);
 }
 
 #define MAX_CHUNK 64 /* at most this many tokens (of one block) are scored at a time */
@@ -447,18 +544,18 @@ static inline const void *element(const void *cache, int64_t i, int half) {
 /* Scores of `group` query heads (qg, dim apart) against n keys (rows `row` apart), eight keys at
  * a time with their sums reduced together: scores[h * MAX_CHUNK + i] = scale q_h . k_i. */
 static inline __attribute__((always_inline)) void score_chunk(const float *qg, int64_t group, int64_t dim, const void *K,
-                                                              int64_t row, int64_t n, float scale, float *scores, int half) {
+                                                              int64_t row, int64_t n, float scale, float *scores, int ct) {
     for (int64_t h = 0; h < group; h++) {
         const float *qh = qg + h * dim;
         for (int64_t i0 = 0; i0 < n; i0 += 8) {
             const void *k[8];
-            for (int j = 0; j < 8; j++) k[j] = element(K, (i0 + j < n ? i0 + j : n - 1) * row, half);
+            for (int j = 0; j < 8; j++) k[j] = element(K, (i0 + j < n ? i0 + j : n - 1) * row, ct);
             __m256 a[8];
             for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
             int64_t d = 0;
             for (; d + 8 <= dim; d += 8) {
                 const __m256 qv = _mm256_loadu_ps(qh + d);
-                for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qv, load8(element(k[j], d, half), half), a[j]);
+                for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qv, load8(element(k[j], d, ct), ct), a[j]);
             }
             const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
             const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
@@ -466,7 +563,7 @@ static inline __attribute__((always_inline)) void score_chunk(const float *qg, i
             float s8[8];
             _mm256_storeu_ps(s8, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
             for (int j = 0; j < 8 && i0 + j < n; j++) {
-                for (int64_t e = d; e < dim; e++) s8[j] += qh[e] * load1(k[j], e, half);
+                for (int64_t e = d; e < dim; e++) s8[j] += qh[e] * load1(k[j], e, ct);
                 scores[h * MAX_CHUNK + i0 + j] = s8[j] * scale;
             }
         }
@@ -496,26 +593,26 @@ static void softmax_chunk(float *sc, int64_t n, float *top, float *total, float 
 
 /* o += sum_i p[i] v_i over n value rows (`row` apart), 64 columns at a time held in registers. */
 static inline __attribute__((always_inline)) void accumulate_values(const float *p, const void *V, int64_t row, int64_t n,
-                                                                    float *o, int64_t dim, int half) {
+                                                                    float *o, int64_t dim, int ct) {
     int64_t d = 0;
     for (; d + 64 <= dim; d += 64) {
         __m256 acc[8];
         for (int c = 0; c < 8; c++) acc[c] = _mm256_loadu_ps(o + d + 8 * c);
         for (int64_t i = 0; i < n; i++) {
             const __m256 pv = _mm256_set1_ps(p[i]);
-            const void *v = element(V, i * row + d, half);
-            for (int c = 0; c < 8; c++) acc[c] = _mm256_fmadd_ps(pv, load8(element(v, 8 * c, half), half), acc[c]);
+            const void *v = element(V, i * row + d, ct);
+            for (int c = 0; c < 8; c++) acc[c] = _mm256_fmadd_ps(pv, load8(element(v, 8 * c, ct), ct), acc[c]);
         }
         for (int c = 0; c < 8; c++) _mm256_storeu_ps(o + d + 8 * c, acc[c]);
     }
     for (; d + 8 <= dim; d += 8) {
         __m256 acc = _mm256_loadu_ps(o + d);
         for (int64_t i = 0; i < n; i++)
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(p[i]), load8(element(V, i * row + d, half), half), acc);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(p[i]), load8(element(V, i * row + d, ct), ct), acc);
         _mm256_storeu_ps(o + d, acc);
     }
     for (; d < dim; d++)
-        for (int64_t i = 0; i < n; i++) o[d] += p[i] * load1(V, i * row + d, half);
+        for (int64_t i = 0; i < n; i++) o[d] += p[i] * load1(V, i * row + d, ct);
 }
 
 /* score_chunk for two query rows at once (qa, qb: `group` heads each, dim a multiple of 8), four
@@ -524,20 +621,20 @@ static inline __attribute__((always_inline)) void accumulate_values(const float 
  * -- so a row's scores do not depend on whether it was paired. */
 static inline __attribute__((always_inline)) void score_chunk2(const float *qa, const float *qb, int64_t group, int64_t dim,
                                                                const void *K, int64_t row, int64_t n, float scale,
-                                                               float *sa, float *sb, int half) {
+                                                               float *sa, float *sb, int ct) {
     for (int64_t h = 0; h < group; h++) {
         const float *q[2] = {qa + h * dim, qb + h * dim};
         float *out[2] = {sa + h * MAX_CHUNK, sb + h * MAX_CHUNK};
         for (int64_t i0 = 0; i0 < n; i0 += 4) {
             const void *k[4];
-            for (int j = 0; j < 4; j++) k[j] = element(K, (i0 + j < n ? i0 + j : n - 1) * row, half);
+            for (int j = 0; j < 4; j++) k[j] = element(K, (i0 + j < n ? i0 + j : n - 1) * row, ct);
             __m256 a[2][4];
             for (int r = 0; r < 2; r++)
                 for (int j = 0; j < 4; j++) a[r][j] = _mm256_setzero_ps();
             for (int64_t d = 0; d < dim; d += 8) {
                 const __m256 q0 = _mm256_loadu_ps(q[0] + d), q1 = _mm256_loadu_ps(q[1] + d);
                 for (int j = 0; j < 4; j++) {
-                    const __m256 kv = load8(element(k[j], d, half), half);
+                    const __m256 kv = load8(element(k[j], d, ct), ct);
                     a[0][j] = _mm256_fmadd_ps(q0, kv, a[0][j]);
                     a[1][j] = _mm256_fmadd_ps(q1, kv, a[1][j]);
                 }
@@ -557,7 +654,7 @@ static inline __attribute__((always_inline)) void score_chunk2(const float *qa, 
  * accumulate_values. */
 static inline __attribute__((always_inline)) void accumulate_values2(const float *pa, const float *pb, const void *V,
                                                                      int64_t row, int64_t n, float *oa, float *ob,
-                                                                     int64_t dim, int half) {
+                                                                     int64_t dim, int ct) {
     for (int64_t d = 0; d < dim; d += 32) {
         __m256 acc[2][4];
         for (int c = 0; c < 4; c++) {
@@ -566,9 +663,9 @@ static inline __attribute__((always_inline)) void accumulate_values2(const float
         }
         for (int64_t i = 0; i < n; i++) {
             const __m256 p0 = _mm256_set1_ps(pa[i]), p1 = _mm256_set1_ps(pb[i]);
-            const void *v = element(V, i * row + d, half);
+            const void *v = element(V, i * row + d, ct);
             for (int c = 0; c < 4; c++) {
-                const __m256 vv = load8(element(v, 8 * c, half), half);
+                const __m256 vv = load8(element(v, 8 * c, ct), ct);
                 acc[0][c] = _mm256_fmadd_ps(p0, vv, acc[0][c]);
                 acc[1][c] = _mm256_fmadd_ps(p1, vv, acc[1][c]);
             }
@@ -592,7 +689,7 @@ static inline __attribute__((always_inline)) void attend(const float *q, int64_t
                                                          int64_t window, int64_t group, int64_t dim, const void *k_cache,
                                                          const void *v_cache, const int32_t *table, int64_t kv_heads,
                                                          int64_t g0, int64_t g1, int64_t block_size, float scale,
-                                                         float *out, int64_t out_stride, float *scratch, int half) {
+                                                         float *out, int64_t out_stride, float *scratch, int ct) {
     const int64_t heads = (g1 - g0) * group, row = kv_heads * dim, end = len0 + rows - 1;
     float *scores = scratch, *pair = scores + heads * MAX_CHUNK, *top = pair + heads * MAX_CHUNK, *total = top + rows * heads;
     for (int64_t i = 0; i < rows * heads; i++) { top[i] = -INFINITY; total[i] = 0.0f; }
@@ -616,15 +713,15 @@ static inline __attribute__((always_inline)) void attend(const float *q, int64_t
                 for (int64_t g = g0; g < g1; g++) {
                     const int64_t h0 = (g - g0) * group;
                     float *ca = scores + h0 * MAX_CHUNK, *cb = pair + h0 * MAX_CHUNK;
-                    score_chunk2(qa + h0 * dim, qb + h0 * dim, group, dim, element(k_cache, base + g * dim, half), row,
-                                 to - from, scale, ca, cb, half);
+                    score_chunk2(qa + h0 * dim, qb + h0 * dim, group, dim, element(k_cache, base + g * dim, ct), row,
+                                 to - from, scale, ca, cb, ct);
                     for (int64_t h = 0; h < group; h++) {
                         softmax_chunk(ca + h * MAX_CHUNK, to - from, ta + h0 + h, sa + h0 + h, oa + (h0 + h) * dim, dim);
                         softmax_chunk(cb + h * MAX_CHUNK, to - from, tb + h0 + h, sb + h0 + h, ob + (h0 + h) * dim, dim);
                     }
                     for (int64_t h = 0; h < group; h++)
-                        accumulate_values2(ca + h * MAX_CHUNK, cb + h * MAX_CHUNK, element(v_cache, base + g * dim, half), row,
-                                           to - from, oa + (h0 + h) * dim, ob + (h0 + h) * dim, dim, half);
+                        accumulate_values2(ca + h * MAX_CHUNK, cb + h * MAX_CHUNK, element(v_cache, base + g * dim, ct), row,
+                                           to - from, oa + (h0 + h) * dim, ob + (h0 + h) * dim, dim, ct);
                 }
                 r++;
                 continue;
@@ -635,12 +732,12 @@ static inline __attribute__((always_inline)) void attend(const float *q, int64_t
             for (int64_t g = g0; g < g1; g++) {
                 const int64_t h0 = (g - g0) * group;
                 float *sc = scores + h0 * MAX_CHUNK;
-                score_chunk(qr + h0 * dim, group, dim, element(k_cache, base + g * dim, half), row, to - from, scale, sc, half);
+                score_chunk(qr + h0 * dim, group, dim, element(k_cache, base + g * dim, ct), row, to - from, scale, sc, ct);
                 for (int64_t h = 0; h < group; h++)
                     softmax_chunk(sc + h * MAX_CHUNK, to - from, top_r + h0 + h, total_r + h0 + h, o + (h0 + h) * dim, dim);
                 for (int64_t h = 0; h < group; h++)
-                    accumulate_values(sc + h * MAX_CHUNK, element(v_cache, base + g * dim, half), row, to - from,
-                                      o + (h0 + h) * dim, dim, half);
+                    accumulate_values(sc + h * MAX_CHUNK, element(v_cache, base + g * dim, ct), row, to - from,
+                                      o + (h0 + h) * dim, dim, ct);
             }
         }
         t0 += n;
@@ -652,17 +749,11 @@ static inline __attribute__((always_inline)) void attend(const float *q, int64_t
         }
 }
 
-/* Attention of every query token of a step on the paged cache: sequence b's queries are rows
- * [query_start[b], query_start[b + 1]) (one row, b, when query_start is NULL: a decode step), the
- * last of them at the sequence's last cached position, seq_lens[b] - 1, each over its context up to
- * itself (the last `window` tokens if window > 0), read in place from the blocks of
- * block_tables[b]. out[t, h] = softmax(scale q[t, h] . K) V. q (T, H, dim) rows q_stride apart;
- * caches (num_blocks, block_size, kv_heads, dim), float32 or (half) float16; out (T, H, dim)
- * contiguous. Returns 0, or -1 if out of memory. */
-int paged_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache,
-                    const int32_t *block_tables, int64_t table_stride, const int32_t *seq_lens,
-                    const int32_t *query_start, int64_t num_seqs, int64_t H, int64_t kv_heads, int64_t dim,
-                    int64_t block_size, float scale, int64_t window, float *out, int half) {
+/* paged_attention (below) of float32 queries and outputs. */
+static int paged_attention_f32(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache,
+                               const int32_t *block_tables, int64_t table_stride, const int32_t *seq_lens,
+                               const int32_t *query_start, int64_t num_seqs, int64_t H, int64_t kv_heads, int64_t dim,
+                               int64_t block_size, float scale, int64_t window, float *out, int ct) {
     const int64_t group = H / kv_heads;
     /* a task: up to ROW_TILE rows of one sequence, all its kv heads (each block read whole); one
      * kv head per task when there are too few tasks to keep every thread busy */
@@ -693,19 +784,52 @@ int paged_attention(const float *q, int64_t q_stride, const void *k_cache, const
             const float *qt = q + r0 * q_stride + g0 * group * dim;
             const int32_t *table = block_tables + b * table_stride;
             float *ot = out + (r0 * H + g0 * group) * dim;
-            /* one loop per cache type (half is constant in each call) */
-            if (half) {
+            /* one loop per cache type (ct is a constant in each call) */
+            switch (ct) {
+            case F16:
                 attend(qt, q_stride, rows, len0, window, group, dim, k_cache, v_cache, table, kv_heads, g0, g0 + per_task,
-                       block_size, scale, ot, H * dim, scratch, 1);
-            } else {
+                       block_size, scale, ot, H * dim, scratch, F16);
+                break;
+            case BF16:
                 attend(qt, q_stride, rows, len0, window, group, dim, k_cache, v_cache, table, kv_heads, g0, g0 + per_task,
-                       block_size, scale, ot, H * dim, scratch, 0);
+                       block_size, scale, ot, H * dim, scratch, BF16);
+                break;
+            default:
+                attend(qt, q_stride, rows, len0, window, group, dim, k_cache, v_cache, table, kv_heads, g0, g0 + per_task,
+                       block_size, scale, ot, H * dim, scratch, F32);
             }
         }
         free(scratch);
     }
     free(tile_at);
     return failed ? -1 : 0;
+}
+
+/* Attention of every query token of a step on the paged cache: sequence b's queries are rows
+ * [query_start[b], query_start[b + 1]) (one row, b, when query_start is NULL: a decode step), the
+ * last of them at the sequence's last cached position, seq_lens[b] - 1, each over its context up to
+ * itself (the last `window` tokens if window > 0), read in place from the blocks of
+ * block_tables[b]. out[t, h] = softmax(scale q[t, h] . K) V. q (T, H, dim) rows q_stride apart;
+ * caches (num_blocks, block_size, kv_heads, dim), of cache_type; out (T, H, dim) contiguous;
+ * q and out of act_type (bfloat16 ones are widened to float32 copies first, and the result
+ * rounded once at the end). Returns 0, or -1 if out of memory. */
+int paged_attention(const void *q, int64_t q_stride, const void *k_cache, const void *v_cache,
+                    const int32_t *block_tables, int64_t table_stride, const int32_t *seq_lens,
+                    const int32_t *query_start, int64_t num_seqs, int64_t H, int64_t kv_heads, int64_t dim,
+                    int64_t block_size, float scale, int64_t window, void *out, int act_type, int cache_type) {
+    if (act_type == F32)
+        return paged_attention_f32(q, q_stride, k_cache, v_cache, block_tables, table_stride, seq_lens, query_start,
+                                   num_seqs, H, kv_heads, dim, block_size, scale, window, out, cache_type);
+    const int64_t tokens = query_start ? query_start[num_seqs] : num_seqs, width = H * dim;
+    float *qf = malloc(2 * tokens * width * sizeof(float));
+    if (qf == NULL) return -1;
+    float *of = qf + tokens * width;
+    for (int64_t t = 0; t < tokens; t++) store_row(qf + t * width, element(q, t * q_stride, act_type), width, act_type, F32);
+    const int status = paged_attention_f32(qf, width, k_cache, v_cache, block_tables, table_stride, seq_lens, query_start,
+                                           num_seqs, H, kv_heads, dim, block_size, scale, window, of, cache_type);
+    store_row(out, of, tokens * width, F32, act_type);
+    free(qf);
+    return status;
 }
 
 /* ---------------------------------------------------------------- a Llama decode step */
@@ -723,11 +847,11 @@ typedef struct {
  * instead of a few hundred Python-level ones -- the same kernels in the same order as the layers'
  * own forward on this path, so the same numbers. x (B, hidden): the embeddings in, the last
  * layer's output out; residual (B, hidden): zeros in (the first layer's residual is x), the
- * running residual out; half: float16 caches. Returns 0, or -1 if out of memory. */
+ * running residual out; cache_type: the caches' (F32 or F16). Returns 0, or -1 if out of memory. */
 int decode_layers(const DecoderLayer *layers, int64_t num_layers, float *x, float *residual, int64_t B, int64_t hidden,
                   int64_t heads, int64_t kv_heads, int64_t dim, int64_t inter, float eps, const int64_t *positions,
                   const float *cos_sin, const int64_t *slots, const int32_t *block_tables, int64_t table_stride,
-                  const int32_t *seq_lens, int64_t block_size, float scale, int half) {
+                  const int32_t *seq_lens, int64_t block_size, float scale, int cache_type) {
     const int64_t width = (heads + 2 * kv_heads) * dim;  /* a token's q | k | v */
     float *h = malloc(B * (hidden + width + heads * dim + 3 * inter) * sizeof(float));
     if (h == NULL) return -1;
@@ -735,17 +859,17 @@ int decode_layers(const DecoderLayer *layers, int64_t num_layers, float *x, floa
     int status = 0;
     for (int64_t l = 0; l < num_layers && status == 0; l++) {
         const DecoderLayer *L = layers + l;
-        rms_norm(x, hidden, residual, hidden, L->input_norm, eps, h, residual, B, hidden);
+        rms_norm(x, hidden, residual, hidden, L->input_norm, eps, h, residual, B, hidden, F32);
         status |= matmul_q4(L->qkv_qs, L->qkv_dm, h, qkv, B, width, hidden);
-        rotary(qkv, width, B, heads + kv_heads, dim, positions, cos_sin);
+        rotary(qkv, width, B, heads + kv_heads, dim, positions, cos_sin, F32);
         write_kv(qkv + heads * dim, width, qkv + (heads + kv_heads) * dim, width, L->k_cache, L->v_cache, slots, B,
-                 kv_heads * dim, half);
-        status |= paged_attention(qkv, width, L->k_cache, L->v_cache, block_tables, table_stride, seq_lens, NULL, B, heads,
-                                  kv_heads, dim, block_size, scale, 0, attn, half);
+                 kv_heads * dim, F32, cache_type);
+        status |= paged_attention_f32(qkv, width, L->k_cache, L->v_cache, block_tables, table_stride, seq_lens, NULL, B,
+                                      heads, kv_heads, dim, block_size, scale, 0, attn, cache_type);
         status |= matmul_q4(L->o_qs, L->o_dm, attn, x, B, hidden, heads * dim);
-        rms_norm(x, hidden, residual, hidden, L->post_norm, eps, h, residual, B, hidden);
+        rms_norm(x, hidden, residual, hidden, L->post_norm, eps, h, residual, B, hidden, F32);
         status |= matmul_q4(L->gate_up_qs, L->gate_up_dm, h, gate_up, B, 2 * inter, hidden);
-        act_and_mul(gate_up, 2 * inter, act, B, inter, 0);
+        act_and_mul(gate_up, 2 * inter, act, B, inter, 0, F32);
         status |= matmul_q4(L->down_qs, L->down_dm, act, x, B, hidden, inter);
     }
     free(h);
