@@ -65,6 +65,10 @@ def resolve_dtype(requested: str, hf_config, device: str) -> torch.dtype:
         if isinstance(config_dtype, str):
             config_dtype = getattr(torch, config_dtype) if config_dtype in DTYPES else None
         return config_dtype if config_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    # bf16 only where the CPU computes it natively: oneDNN's bf16 products (AMX, avx512_bf16) and
+    # the C kernels' bf16 path (layers/cpu_ops.py). Measured on a Xeon with AMX, 2 threads, the
+    # 64-request throughput workload, both in one run: bf16 425-431 tok/s, fp32 191-254 (8 threads:
+    # 591 vs 488; docs/benchmarks.md). Elsewhere bf16 is emulated and ~4x slower in batches.
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
