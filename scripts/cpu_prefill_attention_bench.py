@@ -8,26 +8,16 @@ each length, float32 and float16 caches: ms per layer call, best of 5, this proc
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
+
+from cpu_linear_bench import _ms  # (this folder is on the path when a script runs)
 
 from pagedllm.layers import cpu_ops
 from pagedllm.layers.cpu_kernels import lib
 
 HEADS, KV_HEADS, DIM, BLOCK = 9, 3, 64, 16
 LENGTHS = (32, 136, 256, 512, 1024)
-
-
-def _ms(fn, repeats: int = 5) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best * 1000
 
 
 def main() -> None:
