@@ -209,13 +209,13 @@ def test_cpu_cache_write_skips_padding_slots():
 @pytest.mark.parametrize("sliding_window", [None, 20])
 @pytest.mark.parametrize("dtype, cache_dtype", ACTIVATION_AND_CACHE_DTYPES)
 def test_cpu_paged_attention_of_a_mixed_step(sliding_window, dtype, cache_dtype):
-    """A step of two decodes and three prefill chunks (a whole prompt longer than a row tile, the
+    """A step of two decodes and three prefill chunks (a whole prompt longer than a row tile and a piece, the
     rest of a prompt after 37 cached tokens, one token after 16) through the CPU kernel against the
     torch backend's SDPA; and each token's row bit for bit the same when its prompt is cut
     elsewhere: the kernel's result for a token does not depend on the rows beside it."""
     ops = _cpu_ops()
     heads, kv_heads, dim, block = 9, 3, 64, 16
-    q_lens, seq_lens = [1, 1, 40, 9, 1], [23, 70, 40, 46, 17]
+    q_lens, seq_lens = [1, 1, 80, 9, 1], [23, 70, 80, 46, 17]
     starts = [0]
     for n in q_lens:
         starts.append(starts[-1] + n)
@@ -224,7 +224,7 @@ def test_cpu_paged_attention_of_a_mixed_step(sliding_window, dtype, cache_dtype)
     meta = AttentionMetadata(
         slot_mapping=torch.tensor(slots), query_start_loc=torch.tensor(starts, dtype=torch.int32),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32), block_tables=tables, num_decodes=2, num_decode_tokens=2,
-        max_query_len=40, max_seq_len=70, query_start_loc_cpu=starts, seq_lens_cpu=seq_lens,
+        max_query_len=80, max_seq_len=80, query_start_loc_cpu=starts, seq_lens_cpu=seq_lens,
     )
     tokens = starts[-1]
     k_cache = randn(40, block, kv_heads, dim, dtype=cache_dtype, seed=1)
@@ -236,16 +236,16 @@ def test_cpu_paged_attention_of_a_mixed_step(sliding_window, dtype, cache_dtype)
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
     got = ops.paged_attention(query, k_cache, v_cache, tables, meta.seq_lens, dim**-0.5, sliding_window, meta.query_start_loc)
     torch.testing.assert_close(got, want, **TOLERANCE[dtype])
-    # the 40-token prompt (rows 2..41) cut after 13 and after 30 tokens: the same rows, bit for bit
+    # the 80-token prompt (rows 2..81) cut after 13 and after 70 tokens: the same rows, bit for bit
     first, whole = starts[2], got[starts[2] : starts[3]]
-    for cut in (13, 30):
+    for cut in (13, 70):
         parts = [
             ops.paged_attention(query[first + a : first + b], k_cache, v_cache, tables[2:3], torch.tensor([b], dtype=torch.int32),
                                 dim**-0.5, sliding_window, torch.tensor([0, b - a], dtype=torch.int32))  # fmt: skip
-            for a, b in ((0, cut), (cut, 40))
+            for a, b in ((0, cut), (cut, 80))
         ]
         assert torch.equal(torch.cat(parts), whole)
     # and one token alone, as a decode step
-    alone = ops.paged_attention(query[first + 39 : first + 40], k_cache, v_cache, tables[2:3], torch.tensor([40], dtype=torch.int32),
+    alone = ops.paged_attention(query[first + 79 : first + 80], k_cache, v_cache, tables[2:3], torch.tensor([80], dtype=torch.int32),
                                 dim**-0.5, sliding_window)  # fmt: skip
-    assert torch.equal(alone[0], whole[39])
+    assert torch.equal(alone[0], whole[79])

@@ -539,32 +539,46 @@ void write_kv(const void *k, int64_t k_stride, const void *v, int64_t v_stride, 
     }
 }
 
-#define MAX_CHUNK 64 /* at most this many tokens (of one block) are scored at a time */
+/* ---------------------------------------------------------------- paged attention
+ *
+ * A query row attends over its context in pieces: the positions between consecutive multiples of
+ * PIECE (a piece may span cache blocks), clipped to the row's own context. For each piece and kv
+ * head, the query heads that share the kv head (up to three at a time) are scored, softmaxed and
+ * accumulated together: each cached key or value vector is loaded and converted once for all of
+ * them. A score is a chain of fused multiply-adds over the dimensions in eight lanes, reduced in a
+ * fixed tree; an output column a chain over the piece's keys in order. The pieces are fixed by
+ * position, so a row's result is the same float operations whatever rows it is computed with,
+ * however its prompt was cut, and whatever the block size. */
 
-/* Scores of `group` query heads (qg, dim apart) against n keys (rows `row` apart), eight keys at
- * a time with their sums reduced together: scores[h * MAX_CHUNK + i] = scale q_h . k_i. */
-static inline __attribute__((always_inline)) void score_chunk(const float *qg, int64_t group, int64_t dim, const void *K,
-                                                              int64_t row, int64_t n, float scale, float *scores, int ct) {
-    for (int64_t h = 0; h < group; h++) {
-        const float *qh = qg + h * dim;
-        for (int64_t i0 = 0; i0 < n; i0 += 8) {
-            const void *k[8];
-            for (int j = 0; j < 8; j++) k[j] = element(K, (i0 + j < n ? i0 + j : n - 1) * row, ct);
-            __m256 a[8];
-            for (int j = 0; j < 8; j++) a[j] = _mm256_setzero_ps();
-            int64_t d = 0;
-            for (; d + 8 <= dim; d += 8) {
-                const __m256 qv = _mm256_loadu_ps(qh + d);
-                for (int j = 0; j < 8; j++) a[j] = _mm256_fmadd_ps(qv, load8(element(k[j], d, ct), ct), a[j]);
+#define PIECE 64
+#define MAX_HEADS 3 /* query heads taken together (their accumulators fill the 16 vector registers) */
+
+/* s[h * PIECE + i] = scale q_h . k_i for G query heads (q, dim apart) and n keys (pointers, of
+ * cache type ct), four keys at a time. */
+static inline __attribute__((always_inline)) void score_heads(const int G, const float *q, int64_t dim, const void *const *k,
+                                                              int64_t n, float scale, float *s, int ct) {
+    for (int64_t i0 = 0; i0 < n; i0 += 4) {
+        const void *kj[4];
+        for (int j = 0; j < 4; j++) kj[j] = k[i0 + j < n ? i0 + j : n - 1];
+        __m256 a[MAX_HEADS][4];
+        for (int h = 0; h < G; h++)
+            for (int j = 0; j < 4; j++) a[h][j] = _mm256_setzero_ps();
+        int64_t d = 0;
+        for (; d + 8 <= dim; d += 8) {
+            __m256 qv[MAX_HEADS];
+            for (int h = 0; h < G; h++) qv[h] = _mm256_loadu_ps(q + h * dim + d);
+            for (int j = 0; j < 4; j++) {
+                const __m256 kv = load8(element(kj[j], d, ct), ct);
+                for (int h = 0; h < G; h++) a[h][j] = _mm256_fmadd_ps(qv[h], kv, a[h][j]);
             }
-            const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
-            const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
-            const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-            float s8[8];
-            _mm256_storeu_ps(s8, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
-            for (int j = 0; j < 8 && i0 + j < n; j++) {
-                for (int64_t e = d; e < dim; e++) s8[j] += qh[e] * load1(k[j], e, ct);
-                scores[h * MAX_CHUNK + i0 + j] = s8[j] * scale;
+        }
+        for (int h = 0; h < G; h++) {
+            const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a[h][0], a[h][1]), _mm256_hadd_ps(a[h][2], a[h][3]));
+            float s4[4];
+            _mm_storeu_ps(s4, _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
+            for (int j = 0; j < 4 && i0 + j < n; j++) {
+                for (int64_t e = d; e < dim; e++) s4[j] += q[h * dim + e] * load1(kj[j], e, ct);
+                s[h * PIECE + i0 + j] = s4[j] * scale;
             }
         }
     }
@@ -573,12 +587,16 @@ static inline __attribute__((always_inline)) void score_chunk(const float *qg, i
 /* Softmax step of the online softmax: p = exp(s - new max) in place over n scores; the running
  * maximum and sum are updated and the output rescaled to the new maximum. */
 static void softmax_chunk(float *sc, int64_t n, float *top, float *total, float *o, int64_t dim) {
-    float m = *top;
-    for (int64_t i = 0; i < n; i++) m = sc[i] > m ? sc[i] : m;
-    const float c = expf(*top - m);
     int64_t i = 0;
+    __m256 mv = _mm256_set1_ps(*top);
+    for (; i + 8 <= n; i += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(sc + i));
+    float lanes[8], m = *top;
+    _mm256_storeu_ps(lanes, mv);
+    for (int j = 0; j < 8; j++) m = lanes[j] > m ? lanes[j] : m;
+    for (; i < n; i++) m = sc[i] > m ? sc[i] : m;
+    const float c = expf(*top - m);
     __m256 sum = _mm256_setzero_ps();
-    for (; i + 8 <= n; i += 8) {
+    for (i = 0; i + 8 <= n; i += 8) {
         const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + i), _mm256_set1_ps(m)));
         _mm256_storeu_ps(sc + i, e);
         sum = _mm256_add_ps(sum, e);
@@ -591,153 +609,101 @@ static void softmax_chunk(float *sc, int64_t n, float *top, float *total, float 
         for (int64_t d = 0; d < dim; d++) o[d] *= c;
 }
 
-/* o += sum_i p[i] v_i over n value rows (`row` apart), 64 columns at a time held in registers. */
-static inline __attribute__((always_inline)) void accumulate_values(const float *p, const void *V, int64_t row, int64_t n,
-                                                                    float *o, int64_t dim, int ct) {
+/* o_h += sum_i p[h * PIECE + i] v_i for G heads (o, dim apart) over n value vectors (pointers, of
+ * cache type ct), 32 columns at a time held in registers. */
+static inline __attribute__((always_inline)) void accumulate_heads(const int G, const float *p, const void *const *v,
+                                                                   int64_t n, float *o, int64_t dim, int ct) {
     int64_t d = 0;
-    for (; d + 64 <= dim; d += 64) {
-        __m256 acc[8];
-        for (int c = 0; c < 8; c++) acc[c] = _mm256_loadu_ps(o + d + 8 * c);
+    for (; d + 32 <= dim; d += 32) {
+        __m256 acc[MAX_HEADS][4];
+        for (int h = 0; h < G; h++)
+            for (int c = 0; c < 4; c++) acc[h][c] = _mm256_loadu_ps(o + h * dim + d + 8 * c);
         for (int64_t i = 0; i < n; i++) {
-            const __m256 pv = _mm256_set1_ps(p[i]);
-            const void *v = element(V, i * row + d, ct);
-            for (int c = 0; c < 8; c++) acc[c] = _mm256_fmadd_ps(pv, load8(element(v, 8 * c, ct), ct), acc[c]);
-        }
-        for (int c = 0; c < 8; c++) _mm256_storeu_ps(o + d + 8 * c, acc[c]);
-    }
-    for (; d + 8 <= dim; d += 8) {
-        __m256 acc = _mm256_loadu_ps(o + d);
-        for (int64_t i = 0; i < n; i++)
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(p[i]), load8(element(V, i * row + d, ct), ct), acc);
-        _mm256_storeu_ps(o + d, acc);
-    }
-    for (; d < dim; d++)
-        for (int64_t i = 0; i < n; i++) o[d] += p[i] * load1(V, i * row + d, ct);
-}
-
-/* score_chunk for two query rows at once (qa, qb: `group` heads each, dim a multiple of 8), four
- * keys at a time: each key's vector is loaded (and converted) once for both rows. Each score is
- * the same float operations as score_chunk's -- eight lane sums per key, reduced in the same tree
- * -- so a row's scores do not depend on whether it was paired. */
-static inline __attribute__((always_inline)) void score_chunk2(const float *qa, const float *qb, int64_t group, int64_t dim,
-                                                               const void *K, int64_t row, int64_t n, float scale,
-                                                               float *sa, float *sb, int ct) {
-    for (int64_t h = 0; h < group; h++) {
-        const float *q[2] = {qa + h * dim, qb + h * dim};
-        float *out[2] = {sa + h * MAX_CHUNK, sb + h * MAX_CHUNK};
-        for (int64_t i0 = 0; i0 < n; i0 += 4) {
-            const void *k[4];
-            for (int j = 0; j < 4; j++) k[j] = element(K, (i0 + j < n ? i0 + j : n - 1) * row, ct);
-            __m256 a[2][4];
-            for (int r = 0; r < 2; r++)
-                for (int j = 0; j < 4; j++) a[r][j] = _mm256_setzero_ps();
-            for (int64_t d = 0; d < dim; d += 8) {
-                const __m256 q0 = _mm256_loadu_ps(q[0] + d), q1 = _mm256_loadu_ps(q[1] + d);
-                for (int j = 0; j < 4; j++) {
-                    const __m256 kv = load8(element(k[j], d, ct), ct);
-                    a[0][j] = _mm256_fmadd_ps(q0, kv, a[0][j]);
-                    a[1][j] = _mm256_fmadd_ps(q1, kv, a[1][j]);
-                }
-            }
-            for (int r = 0; r < 2; r++) {
-                const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a[r][0], a[r][1]), _mm256_hadd_ps(a[r][2], a[r][3]));
-                float s4[4];
-                _mm_storeu_ps(s4, _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
-                for (int j = 0; j < 4 && i0 + j < n; j++) out[r][i0 + j] = s4[j] * scale;
-            }
-        }
-    }
-}
-
-/* accumulate_values for two rows (dim a multiple of 32), 32 columns at a time: each value row is
- * loaded once for both. Every output column is the same chain of fused multiply-adds over i as in
- * accumulate_values. */
-static inline __attribute__((always_inline)) void accumulate_values2(const float *pa, const float *pb, const void *V,
-                                                                     int64_t row, int64_t n, float *oa, float *ob,
-                                                                     int64_t dim, int ct) {
-    for (int64_t d = 0; d < dim; d += 32) {
-        __m256 acc[2][4];
-        for (int c = 0; c < 4; c++) {
-            acc[0][c] = _mm256_loadu_ps(oa + d + 8 * c);
-            acc[1][c] = _mm256_loadu_ps(ob + d + 8 * c);
-        }
-        for (int64_t i = 0; i < n; i++) {
-            const __m256 p0 = _mm256_set1_ps(pa[i]), p1 = _mm256_set1_ps(pb[i]);
-            const void *v = element(V, i * row + d, ct);
+            __m256 pv[MAX_HEADS];
+            for (int h = 0; h < G; h++) pv[h] = _mm256_set1_ps(p[h * PIECE + i]);
             for (int c = 0; c < 4; c++) {
-                const __m256 vv = load8(element(v, 8 * c, ct), ct);
-                acc[0][c] = _mm256_fmadd_ps(p0, vv, acc[0][c]);
-                acc[1][c] = _mm256_fmadd_ps(p1, vv, acc[1][c]);
+                const __m256 vv = load8(element(v[i], d + 8 * c, ct), ct);
+                for (int h = 0; h < G; h++) acc[h][c] = _mm256_fmadd_ps(pv[h], vv, acc[h][c]);
             }
         }
-        for (int c = 0; c < 4; c++) {
-            _mm256_storeu_ps(oa + d + 8 * c, acc[0][c]);
-            _mm256_storeu_ps(ob + d + 8 * c, acc[1][c]);
-        }
+        for (int h = 0; h < G; h++)
+            for (int c = 0; c < 4; c++) _mm256_storeu_ps(o + h * dim + d + 8 * c, acc[h][c]);
     }
+    for (; d + 8 <= dim; d += 8)
+        for (int h = 0; h < G; h++) {
+            __m256 acc = _mm256_loadu_ps(o + h * dim + d);
+            for (int64_t i = 0; i < n; i++)
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(p[h * PIECE + i]), load8(element(v[i], d, ct), ct), acc);
+            _mm256_storeu_ps(o + h * dim + d, acc);
+        }
+    for (; d < dim; d++)
+        for (int h = 0; h < G; h++)
+            for (int64_t i = 0; i < n; i++) o[h * dim + d] += p[h * PIECE + i] * load1(v[i], d, ct);
 }
 
-#define ROW_TILE 16 /* query rows of one sequence that share each block while it is in cache */
+/* G query heads of one row over n keys and values: score, online softmax, accumulate. */
+static inline __attribute__((always_inline)) void attend_heads(const int G, const float *q, const void *const *k,
+                                                               const void *const *v, int64_t n, int64_t dim, float scale,
+                                                               float *top, float *total, float *o, float *scores, int ct) {
+    score_heads(G, q, dim, k, n, scale, scores, ct);
+    for (int h = 0; h < G; h++) softmax_chunk(scores + h * PIECE, n, top + h, total + h, o + h * dim, dim);
+    accumulate_heads(G, scores, v, n, o, dim, ct);
+}
+
+#define ROW_TILE 16 /* query rows of one sequence that share each piece while it is in cache */
+
+/* Floats of attend's scratch for `heads` query heads. */
+static inline int64_t attend_scratch(int64_t heads) { return MAX_HEADS * PIECE + 2 * ROW_TILE * heads; }
 
 /* Query rows [0, rows) of one sequence, heads of kv heads [g0, g1): row r attends over the first
- * len0 + r cached tokens (the last `window` of them if window > 0), block by block with an online
- * softmax. The blocks are walked once for all the rows; each row takes from a block the part of
- * it in its own context, in the same pieces as it would alone, so its result is the same float
- * operations whatever rows it is computed with (a decode is one row). q rows q_stride apart, out
- * rows out_stride apart. scratch: (g1 - g0) * group * (2 * MAX_CHUNK + 2 * rows) floats. */
+ * len0 + r cached tokens (the last `window` of them if window > 0). q rows q_stride apart, out
+ * rows out_stride apart; scratch: attend_scratch floats. */
 static inline __attribute__((always_inline)) void attend(const float *q, int64_t q_stride, int64_t rows, int64_t len0,
                                                          int64_t window, int64_t group, int64_t dim, const void *k_cache,
                                                          const void *v_cache, const int32_t *table, int64_t kv_heads,
                                                          int64_t g0, int64_t g1, int64_t block_size, float scale,
                                                          float *out, int64_t out_stride, float *scratch, int ct) {
-    const int64_t heads = (g1 - g0) * group, row = kv_heads * dim, end = len0 + rows - 1;
-    float *scores = scratch, *pair = scores + heads * MAX_CHUNK, *top = pair + heads * MAX_CHUNK, *total = top + rows * heads;
+    const int64_t heads = (g1 - g0) * group, end = len0 + rows - 1;
+    /* heads taken together: three, two or one at a time, whichever divides the group */
+    const int64_t step = group % 3 == 0 ? 3 : group % 2 == 0 ? 2 : 1;
+    float *scores = scratch, *top = scores + MAX_HEADS * PIECE, *total = top + rows * heads;
+    int64_t slot[PIECE];
+    const void *kp[PIECE], *vp[PIECE];
     for (int64_t i = 0; i < rows * heads; i++) { top[i] = -INFINITY; total[i] = 0.0f; }
     for (int64_t r = 0; r < rows; r++) memset(out + r * out_stride, 0, heads * dim * sizeof(float));
     for (int64_t t0 = window > 0 && len0 > window ? len0 - window : 0; t0 < end;) {
-        /* a piece: to the end of t0's block, at most MAX_CHUNK tokens (aligned) */
-        const int64_t in_block = t0 % block_size;
-        int64_t n = block_size - in_block;
-        if (n > MAX_CHUNK - in_block % MAX_CHUNK) n = MAX_CHUNK - in_block % MAX_CHUNK;
-        if (n > end - t0) n = end - t0;
-        for (int64_t r = 0; r < rows; r++) {
-            const int64_t len = len0 + r, start = window > 0 && len > window ? len - window : 0;
-            const int64_t from = t0 > start ? t0 : start, to = t0 + n < len ? t0 + n : len;
-            if (from >= to) continue;
-            if (dim % 32 == 0 && r + 1 < rows && to == t0 + n && (window <= 0 || len + 1 <= window || len + 1 - window <= from)) {
-                /* rows r and r + 1 take the same part of this piece: their keys and values are read once */
-                const int64_t base = ((int64_t)table[from / block_size] * block_size + from % block_size) * row;
-                const float *qa = q + r * q_stride, *qb = qa + q_stride;
-                float *oa = out + r * out_stride, *ob = oa + out_stride;
-                float *ta = top + r * heads, *tb = ta + heads, *sa = total + r * heads, *sb = sa + heads;
-                for (int64_t g = g0; g < g1; g++) {
-                    const int64_t h0 = (g - g0) * group;
-                    float *ca = scores + h0 * MAX_CHUNK, *cb = pair + h0 * MAX_CHUNK;
-                    score_chunk2(qa + h0 * dim, qb + h0 * dim, group, dim, element(k_cache, base + g * dim, ct), row,
-                                 to - from, scale, ca, cb, ct);
-                    for (int64_t h = 0; h < group; h++) {
-                        softmax_chunk(ca + h * MAX_CHUNK, to - from, ta + h0 + h, sa + h0 + h, oa + (h0 + h) * dim, dim);
-                        softmax_chunk(cb + h * MAX_CHUNK, to - from, tb + h0 + h, sb + h0 + h, ob + (h0 + h) * dim, dim);
-                    }
-                    for (int64_t h = 0; h < group; h++)
-                        accumulate_values2(ca + h * MAX_CHUNK, cb + h * MAX_CHUNK, element(v_cache, base + g * dim, ct), row,
-                                           to - from, oa + (h0 + h) * dim, ob + (h0 + h) * dim, dim, ct);
-                }
-                r++;
-                continue;
+        const int64_t n = PIECE - t0 % PIECE < end - t0 ? PIECE - t0 % PIECE : end - t0;
+        for (int64_t i = 0; i < n; i++)
+            slot[i] = ((int64_t)table[(t0 + i) / block_size] * block_size + (t0 + i) % block_size) * kv_heads * dim;
+        /* the next piece's keys and values on their way to L2 while this one is computed */
+        for (int64_t t = t0 + n, stop = t0 + n + PIECE < end ? t0 + n + PIECE : end; t < stop; t++) {
+            const int64_t at = ((int64_t)table[t / block_size] * block_size + t % block_size) * kv_heads * dim;
+            for (int64_t b = 0; b < kv_heads * dim * type_size(ct); b += 64) {
+                _mm_prefetch((const char *)element(k_cache, at, ct) + b, _MM_HINT_T1);
+                _mm_prefetch((const char *)element(v_cache, at, ct) + b, _MM_HINT_T1);
             }
-            const int64_t base = ((int64_t)table[from / block_size] * block_size + from % block_size) * row;
-            const float *qr = q + r * q_stride;
-            float *o = out + r * out_stride, *top_r = top + r * heads, *total_r = total + r * heads;
-            for (int64_t g = g0; g < g1; g++) {
-                const int64_t h0 = (g - g0) * group;
-                float *sc = scores + h0 * MAX_CHUNK;
-                score_chunk(qr + h0 * dim, group, dim, element(k_cache, base + g * dim, ct), row, to - from, scale, sc, ct);
-                for (int64_t h = 0; h < group; h++)
-                    softmax_chunk(sc + h * MAX_CHUNK, to - from, top_r + h0 + h, total_r + h0 + h, o + (h0 + h) * dim, dim);
-                for (int64_t h = 0; h < group; h++)
-                    accumulate_values(sc + h * MAX_CHUNK, element(v_cache, base + g * dim, ct), row, to - from,
-                                      o + (h0 + h) * dim, dim, ct);
+        }
+        for (int64_t g = g0; g < g1; g++) {
+            for (int64_t i = 0; i < n; i++) {
+                kp[i] = element(k_cache, slot[i] + g * dim, ct);
+                vp[i] = element(v_cache, slot[i] + g * dim, ct);
+            }
+            for (int64_t r = 0; r < rows; r++) {
+                const int64_t len = len0 + r, start = window > 0 && len > window ? len - window : 0;
+                const int64_t from = t0 > start ? t0 : start, to = t0 + n < len ? t0 + n : len;
+                if (from >= to) continue;
+                for (int64_t h = (g - g0) * group; h < (g - g0 + 1) * group; h += step) {
+                    const float *qh = q + r * q_stride + h * dim;
+                    float *o = out + r * out_stride + h * dim, *tp = top + r * heads + h, *tt = total + r * heads + h;
+                    const void *const *k = kp + (from - t0), *const *v = vp + (from - t0);
+                    if (step == 3) {
+                        attend_heads(3, qh, k, v, to - from, dim, scale, tp, tt, o, scores, ct);
+                    } else if (step == 2) {
+                        attend_heads(2, qh, k, v, to - from, dim, scale, tp, tt, o, scores, ct);
+                    } else {
+                        attend_heads(1, qh, k, v, to - from, dim, scale, tp, tt, o, scores, ct);
+                    }
+                }
             }
         }
         t0 += n;
@@ -773,7 +739,7 @@ static int paged_attention_f32(const float *q, int64_t q_stride, const void *k_c
     int failed = 0;
 #pragma omp parallel if (work * H * dim >= 1 << 18)
     {
-        float *scratch = malloc(per_task * group * (2 * MAX_CHUNK + 2 * ROW_TILE) * sizeof(float));
+        float *scratch = malloc(attend_scratch(per_task * group) * sizeof(float));
         if (scratch == NULL) failed = 1;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < tiles * split; task++) {
