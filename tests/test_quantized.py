@@ -207,6 +207,7 @@ def test_gguf_quantized_greedy_matches_hf(hf_model, caplog):
     finally:
         logger.removeHandler(caplog.handler)
     assert "120 layers int4 (down_proj, gate_up_proj, o_proj, qkv_proj)" in caplog.text
+    assert "--quantization gguf" not in caplog.text  # the hint is for dense loads of the file
     layers = llm.engine.core.runner.model.model.layers
     assert isinstance(layers[0].self_attn.qkv_proj, BlockLinear if cpu_kernels.lib() else Int4Linear)
     prompts = ["The capital of France is", "def fibonacci(n):\n    ", "List three colors:"]
@@ -293,6 +294,8 @@ def test_float16_kv_cache_of_a_dense_model_matches_hf(hf_model, caplog):
     with caplog.at_level(logging.INFO, logger="pagedllm"):
         llm = LLM(dtype="float32", kv_cache_dtype="float16", kv_cache_memory="64MiB", max_model_len=512)
     assert "GiB float16, cpu" in caplog.text
+    # the file's Q4 matrices were dequantized: the log names the option that keeps them
+    assert ("stores 4-bit weights, dequantized here; quantization='gguf' (--quantization gguf)" in caplog.text) == (cpu_kernels.lib() is not None)
     prompts = ["The capital of France is", "def fibonacci(n):\n    "]
     for output in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, logprobs=3), use_tqdm=False):
         hf_tokens, hf_logprobs = hf_greedy(hf_model, output.prompt_token_ids, 8)
