@@ -18,9 +18,7 @@ import torch
 from pagedllm.layers import cpu_ops
 from pagedllm.layers.cpu_kernels import lib
 
-import os
-HEADS, KV_HEADS, DIM, BLOCK, SEQS = 9, 3, 64, 16, 64
-LAYERS, NUM_BLOCKS = int(os.environ.get("L", 30)), int(os.environ.get("NB", 2912))
+HEADS, KV_HEADS, DIM, BLOCK, LAYERS, NUM_BLOCKS, SEQS = 9, 3, 64, 16, 30, 2912, 64
 
 
 def reference(q, k_cache, v_cache, table, length):

@@ -67,8 +67,6 @@ class TorchAttentionBackend:
     def forward(self, query, key, value, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                 sliding_window: int | None = None) -> torch.Tensor:
         cpu_ops = cpu_ops_for(query)
-        if cpu_ops is not None and k_cache.dtype not in cpu_ops.CACHE_DTYPES:
-            cpu_ops = None
         if cpu_ops is not None:
             cpu_ops.write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
             starts = None if meta.num_decodes == meta.num_seqs else meta.query_start_loc  # (None: one token each)

@@ -17,6 +17,7 @@ from types import ModuleType
 import torch
 
 from pagedllm import envs
+from pagedllm.layers.cpu_ops import ACTIVATION_DTYPES
 
 
 def fused_ops_for(x: torch.Tensor) -> ModuleType | None:
@@ -26,10 +27,7 @@ def fused_ops_for(x: torch.Tensor) -> ModuleType | None:
 
 def cpu_ops_for(x: torch.Tensor) -> ModuleType | None:
     """pagedllm.layers.cpu_ops if x is a float32 or bfloat16 CPU tensor and the kernels run here, else None."""
-    return _cpu_ops() if x.dtype in _CPU_DTYPES and x.device.type == "cpu" else None
-
-
-_CPU_DTYPES = (torch.float32, torch.bfloat16)  # cpu_ops.ACTIVATION_DTYPES (not imported: it compiles the kernels)
+    return _cpu_ops() if x.dtype in ACTIVATION_DTYPES and x.device.type == "cpu" else None
 
 
 @functools.cache

@@ -652,6 +652,11 @@ static inline __attribute__((always_inline)) void attend_heads(const int G, cons
 
 #define ROW_TILE 16 /* query rows of one sequence that share each piece while it is in cache */
 
+/* The cache row (num_blocks * block_size rows) of position t of a sequence with block table `table`. */
+static inline int64_t cache_row(const int32_t *table, int64_t block_size, int64_t t) {
+    return (int64_t)table[t / block_size] * block_size + t % block_size;
+}
+
 /* Floats of attend's scratch for `heads` query heads. */
 static inline int64_t attend_scratch(int64_t heads) { return MAX_HEADS * PIECE + 2 * ROW_TILE * heads; }
 
@@ -673,11 +678,10 @@ static inline __attribute__((always_inline)) void attend(const float *q, int64_t
     for (int64_t r = 0; r < rows; r++) memset(out + r * out_stride, 0, heads * dim * sizeof(float));
     for (int64_t t0 = window > 0 && len0 > window ? len0 - window : 0; t0 < end;) {
         const int64_t n = PIECE - t0 % PIECE < end - t0 ? PIECE - t0 % PIECE : end - t0;
-        for (int64_t i = 0; i < n; i++)
-            slot[i] = ((int64_t)table[(t0 + i) / block_size] * block_size + (t0 + i) % block_size) * kv_heads * dim;
+        for (int64_t i = 0; i < n; i++) slot[i] = cache_row(table, block_size, t0 + i) * kv_heads * dim;
         /* the next piece's keys and values on their way to L2 while this one is computed */
         for (int64_t t = t0 + n, stop = t0 + n + PIECE < end ? t0 + n + PIECE : end; t < stop; t++) {
-            const int64_t at = ((int64_t)table[t / block_size] * block_size + t % block_size) * kv_heads * dim;
+            const int64_t at = cache_row(table, block_size, t) * kv_heads * dim;
             for (int64_t b = 0; b < kv_heads * dim * type_size(ct); b += 64) {
                 _mm_prefetch((const char *)element(k_cache, at, ct) + b, _MM_HINT_T1);
                 _mm_prefetch((const char *)element(v_cache, at, ct) + b, _MM_HINT_T1);
