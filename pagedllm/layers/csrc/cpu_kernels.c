@@ -354,11 +354,13 @@ static inline int matmul_tiles(int bits, const void *qs, const uint16_t *scales,
     const int64_t group_bytes = nb * (bits == 4 ? 128 : 256), group_scales = nb * (bits == 4 ? 16 : 8);
     Q8 a;
     if (quantize_rows(x, M, K, &a)) return -1;
-    /* Every thread meets the same chunks and takes the same pairs of each (static, no wait). */
+    /* Every thread meets the same chunks, and takes pairs of each as it comes (guided, no wait): a
+     * worker woken late from its passive wait takes fewer, rather than the caller waiting for it at
+     * the end. Each output is one tile's, so the results do not depend on who computed them. */
 #pragma omp parallel if (M * N * nb >= PARALLEL_MIN_BLOCKS)
     for (int64_t chunk = 0; chunk < M; chunk += TOKEN_CHUNK) {
         const int64_t end = chunk + TOKEN_CHUNK < M ? chunk + TOKEN_CHUNK : M;
-#pragma omp for schedule(static) nowait
+#pragma omp for schedule(guided) nowait
         for (int64_t p = 0; p < pairs; p++) {
             const int64_t g = 2 * p;
             const int last = g + 1 < groups ? (int)g + 1 : (int)g;
