@@ -666,9 +666,15 @@ static inline __attribute__((always_inline)) void attend_heads(const int G, cons
 
 #define ROW_TILE 16 /* query rows of one sequence that share each piece while it is in cache */
 
-/* The cache row (num_blocks * block_size rows) of position t of a sequence with block table `table`. */
-static inline int64_t cache_row(const int32_t *table, int64_t block_size, int64_t t) {
-    return (int64_t)table[t / block_size] * block_size + t % block_size;
+/* rows[i]: the cache row (of num_blocks * block_size) of position t0 + i, i < n, of a sequence
+ * with block table `table` -- one division a piece, not two a position (block_size is not a
+ * constant, and a 64-bit division costs tens of cycles). */
+static inline void cache_rows(const int32_t *table, int64_t block_size, int64_t t0, int64_t n, int64_t *rows) {
+    int64_t block = t0 / block_size, offset = t0 % block_size;
+    for (int64_t i = 0; i < n; i++) {
+        rows[i] = (int64_t)table[block] * block_size + offset;
+        if (++offset == block_size) { offset = 0; block++; }
+    }
 }
 
 /* Floats of attend's scratch for `heads` query heads. */
@@ -692,10 +698,14 @@ static inline __attribute__((always_inline)) void attend(const float *q, int64_t
     for (int64_t r = 0; r < rows; r++) memset(out + r * out_stride, 0, heads * dim * sizeof(float));
     for (int64_t t0 = window > 0 && len0 > window ? len0 - window : 0; t0 < end;) {
         const int64_t n = PIECE - t0 % PIECE < end - t0 ? PIECE - t0 % PIECE : end - t0;
-        for (int64_t i = 0; i < n; i++) slot[i] = cache_row(table, block_size, t0 + i) * kv_heads * dim;
+        cache_rows(table, block_size, t0, n, slot);
+        for (int64_t i = 0; i < n; i++) slot[i] *= kv_heads * dim;
         /* the next piece's keys and values on their way to L2 while this one is computed */
-        for (int64_t t = t0 + n, stop = t0 + n + PIECE < end ? t0 + n + PIECE : end; t < stop; t++) {
-            const int64_t at = cache_row(table, block_size, t) * kv_heads * dim;
+        const int64_t next = end - (t0 + n) < PIECE ? end - (t0 + n) : PIECE;
+        int64_t ahead[PIECE];
+        cache_rows(table, block_size, t0 + n, next, ahead);
+        for (int64_t i = 0; i < next; i++) {
+            const int64_t at = ahead[i] * kv_heads * dim;
             for (int64_t b = 0; b < kv_heads * dim * type_size(ct); b += 64) {
                 _mm_prefetch((const char *)element(k_cache, at, ct) + b, _MM_HINT_T1);
                 _mm_prefetch((const char *)element(v_cache, at, ct) + b, _MM_HINT_T1);
