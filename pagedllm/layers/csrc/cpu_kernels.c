@@ -588,11 +588,16 @@ static inline __attribute__((always_inline)) void score_heads(const int G, const
         }
         for (int h = 0; h < G; h++) {
             const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a[h][0], a[h][1]), _mm256_hadd_ps(a[h][2], a[h][3]));
-            float s4[4];
-            _mm_storeu_ps(s4, _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
+            const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+            if (d == dim && i0 + 4 <= n) { /* the usual case: four whole scores */
+                _mm_storeu_ps(s + h * PIECE + i0, _mm_mul_ps(s4, _mm_set1_ps(scale)));
+                continue;
+            }
+            float f4[4];
+            _mm_storeu_ps(f4, s4);
             for (int j = 0; j < 4 && i0 + j < n; j++) {
-                for (int64_t e = d; e < dim; e++) s4[j] += q[h * dim + e] * load1(kj[j], e, ct);
-                s[h * PIECE + i0 + j] = s4[j] * scale;
+                for (int64_t e = d; e < dim; e++) f4[j] += q[h * dim + e] * load1(kj[j], e, ct);
+                s[h * PIECE + i0 + j] = f4[j] * scale;
             }
         }
     }
