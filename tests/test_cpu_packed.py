@@ -60,3 +60,30 @@ def test_pack_model_swaps_every_dense_linear_and_keeps_outputs(monkeypatch):
     monkeypatch.setenv("PAGEDLLM_CPU_PACKED_LINEAR", "0")
     plain = _Tiny()
     assert pack_model(plain) == 0 and type(plain.up) is nn.Linear
+
+
+def test_a_gguf_packed_before_loading_holds_the_weights_packing_after_loading_gives(monkeypatch):
+    """loader/gguf_packed.py: each matrix dequantized from the file into the shared scratch and packed
+    there equals the one loaded dense and packed after loading, bit for bit, and the loader reads none
+    of them (the bundled model: 30 layers x 4 merged matrices, from 7 tensors a layer)."""
+    from pagedllm.config import EngineArgs
+    from pagedllm.loader import gguf_packed, model_loader
+
+    pack_before_loading, taken = gguf_packed.pack_before_loading, []
+
+    def recording(*args):
+        taken.append(pack_before_loading(*args))
+        return taken[-1]
+
+    monkeypatch.setattr(gguf_packed, "pack_before_loading", recording)
+    packed_first = model_loader.load_model(EngineArgs(dtype="float32")).model
+    monkeypatch.setattr(gguf_packed, "pack_before_loading", lambda *args: set())
+    loaded_first = model_loader.load_model(EngineArgs(dtype="float32")).model
+
+    assert len(taken[0]) == 30 * 7
+    packed = {name: m for name, m in packed_first.named_modules() if type(m) is PackedLinear}
+    assert len(packed) == 30 * 4 + 1  # and the logits table, packed after loading either way
+    for name, layer in loaded_first.named_modules():
+        if type(layer) is PackedLinear:
+            assert torch.equal(packed.pop(name).weight.to_dense(), layer.weight.to_dense()), name
+    assert not packed

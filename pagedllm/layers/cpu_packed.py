@@ -12,7 +12,8 @@ the reordered weight replaces the plain one) and gives the table the model score
 packed copy (an untied LM head drops its plain table; tied embeddings keep both, since the
 lookup reads the plain rows: +113 MB for the bundled SmolLM2 in float32). Only where oneDNN can
 reorder the dtype: float32 everywhere, bfloat16 only on CPUs with AVX-512 (BW/VL/DQ) or
-AVX-NE-CONVERT. PAGEDLLM_CPU_PACKED_LINEAR=0 keeps `F.linear`.
+AVX-NE-CONVERT. PAGEDLLM_CPU_PACKED_LINEAR=0 keeps `F.linear`. A GGUF's matrices are packed from the
+file before its weights load (loader/gguf_packed.py), and pack_model then swaps what is left.
 """
 
 from __future__ import annotations
@@ -48,31 +49,47 @@ def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 class PackedLinear(nn.Module):
     format = "packed"
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: nn.Parameter | None) -> None:
+        """bias: the replaced layer's own parameter, kept (a loader still to come may fill it)."""
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.weight = weight  # oneDNN's layout: not a Parameter, not in state_dict
-        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return packed_linear(x, self.weight, self.bias)
 
 
+def packing_enabled(model: nn.Module) -> bool:
+    first = next(model.parameters())
+    return envs.PAGEDLLM_CPU_PACKED_LINEAR and first.device.type == "cpu" and torch.backends.mkldnn.is_available()
+
+
+def dense_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The layers packing would swap: dense `nn.Linear`s whole on this rank."""
+    return [
+        (name, layer)
+        for name, layer in model.named_modules()
+        if isinstance(layer, nn.Linear) and (getattr(layer, "tp", None) is None or layer.tp.world_size == 1)
+    ]
+
+
+def swap_packed(model: nn.Module, name: str, weight: torch.Tensor) -> None:
+    """Replace the dense linear layer `name` by a PackedLinear on `weight` (packed), keeping its bias."""
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, PackedLinear(weight, model.get_submodule(name).bias))
+
+
 def pack_model(model: nn.Module) -> int:
     """Swap the model's dense linear layers (and its logits table) in place; the number swapped."""
-    first = next(model.parameters())
-    if not envs.PAGEDLLM_CPU_PACKED_LINEAR or first.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+    if not packing_enabled(model):
         return 0
     swapped = 0
-    for name, layer in list(model.named_modules()):
-        tp = getattr(layer, "tp", None)
-        if type(layer) is PackedLinear or not isinstance(layer, nn.Linear) or (tp is not None and tp.world_size > 1):
-            continue
+    for name, layer in dense_linears(model):
         weight = packed_weight(layer.weight)
         if weight is None:
             return swapped  # this dtype has no packed path here: the rest would fail the same way
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, PackedLinear(weight, layer.bias))
+        swap_packed(model, name, weight)
         swapped += 1
     head = logits_table(model)
     if head is not None and head.tp.world_size == 1 and head.logits_layer is None:
@@ -82,7 +99,7 @@ def pack_model(model: nn.Module) -> int:
             swapped += 1
             if not getattr(model, "tie_word_embeddings", False):  # scored only through logits(): the copy is enough
                 head.weight.data = head.weight.data.new_empty(0, head.weight.shape[1])
-    if swapped:
-        logger.info("CPU: %d matrices reordered for oneDNN (%s)", swapped, str(first.dtype).removeprefix("torch."))
+    packed = sum(type(m) is PackedLinear for m in model.modules())  # with those packed before loading (loader/gguf_packed.py)
+    if packed:
+        logger.info("CPU: %d matrices reordered for oneDNN (%s)", packed, str(next(model.parameters()).dtype).removeprefix("torch."))
     return swapped
-

@@ -166,14 +166,23 @@ def _nbytes(ggml_type: int, shape: tuple[int, ...], name: str) -> int:
 # --------------------------------------------------------------------------- tensor data
 
 
-def _read_tensor(data: mmap.mmap, info: TensorInfo, dtype: torch.dtype, permuted_heads: int | None = None) -> torch.Tensor:
-    """One tensor, dequantized to `dtype` (a fresh tensor, never a view of the file). permuted_heads:
-    undo llama.cpp's q/k row order first, on the stored bytes (a row is a whole number of blocks, so
-    moving rows of bytes moves rows of values, at a fraction of the bytes)."""
+def read_tensor(
+    data: mmap.mmap, info: TensorInfo, dtype: torch.dtype, permuted_heads: int | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One tensor of the mapped file, dequantized to `dtype` (a fresh tensor, never a view of the file, or
+    written into `out`). permuted_heads: undo llama.cpp's q/k row order first, on the stored bytes (a row
+    is a whole number of blocks, so moving rows of bytes moves rows of values, at a fraction of the bytes)."""
     raw = torch.frombuffer(data, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
     if permuted_heads is not None:
         raw = _unpermute_rotary(raw.view(info.shape[0], -1), permuted_heads).reshape(-1)
-    return dequantize(raw, info.ggml_type, info.shape, dtype)
+    return dequantize(raw, info.ggml_type, info.shape, dtype, out)
+
+
+def map_file(path: str) -> mmap.mmap:
+    """The whole file mapped copy-on-write, so the tensors over it are writable (torch wants that); the
+    file is never changed. Not closed explicitly: each tensor read from it holds it open until freed."""
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
 
 
 # --------------------------------------------------------------------------- architectures
@@ -411,15 +420,12 @@ def iter_gguf_weights(
     arch = architecture_of(header)
     hf_names = [arch.hf_name(info.name) for info in header.tensors]  # fail before yielding anything
     heads = permuted_heads(header)
-    with open(header.path, "rb") as f:
-        # Copy-on-write, so the tensors over it are writable (torch wants that); the file is never changed.
-        # Not closed explicitly: each tensor read from it holds it open until garbage-collected.
-        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    data = map_file(header.path)
     for info, hf_name in zip(header.tensors, hf_names):
         if hf_name in skip:
             continue
         if arch.norms_stored_plus_one and hf_name.endswith("norm.weight"):  # in float32, then rounded once
-            yield hf_name, (_read_tensor(data, info, torch.float32) - 1).to(dtype)
+            yield hf_name, (read_tensor(data, info, torch.float32) - 1).to(dtype)
             continue
         kind = info.name.split(".")[-2]  # "blk.0.attn_q.weight" -> "attn_q"
-        yield hf_name, _read_tensor(data, info, dtype, heads.get(kind))
+        yield hf_name, read_tensor(data, info, dtype, heads.get(kind))

@@ -43,9 +43,9 @@ FLOAT_TYPES = {GGMLType.F32: torch.float32, GGMLType.F16: torch.float16, GGMLTyp
 CHUNK_VALUES = 1 << 24
 
 
-def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
-    """The f16 stored at bytes [start, start+2) of each block, as a float32 column (n, 1)."""
-    return blocks[:, start : start + 2].contiguous().view(torch.float16).float()
+def _f16(blocks: torch.Tensor, start: int, count: int = 1) -> torch.Tensor:
+    """The `count` f16s stored from byte `start` of each block, as float32 columns (n, count)."""
+    return blocks[:, start : start + 2 * count].contiguous().view(torch.float16).float()
 
 
 def _shifts(*amounts: int, like: torch.Tensor) -> torch.Tensor:
@@ -78,11 +78,16 @@ def _u32_bits(packed: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- 32-value blocks
 
 
-def _nibbles_16(packed: torch.Tensor) -> torch.Tensor:
-    """(n, 16) bytes -> (n, 32) uint8: the 16 low nibbles, then the 16 high ones (each written once)."""
-    q = torch.empty(packed.shape[0], 2, 16, dtype=torch.uint8, device=packed.device)
-    torch.bitwise_and(packed, 0x0F, out=q[:, 0])
-    torch.bitwise_right_shift(packed, 4, out=q[:, 1])
+def _nibbles_16(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    """Bytes [start, start+16) of each block -> (n, 32) uint8: the 16 low nibbles, then the 16 high ones.
+    Split in 32- or 16-bit words, the widest the block layout keeps aligned: a quarter or half as many
+    elements as bytes (a byte's high nibble, shifted down, is masked clear of its neighbour's bits)."""
+    unit, mask = (torch.int32, 0x0F0F0F0F) if start % 4 == 0 and blocks.shape[1] % 4 == 0 else (torch.int16, 0x0F0F)
+    words = blocks.view(unit)[:, start // unit.itemsize : (start + 16) // unit.itemsize]
+    q = torch.empty(blocks.shape[0], 2, 16, dtype=torch.uint8, device=blocks.device)
+    halves = q.view(unit)
+    torch.bitwise_and(words, mask, out=halves[:, 0])
+    torch.bitwise_right_shift(words, 4, out=halves[:, 1]).bitwise_and_(mask)
     return q.view(-1, 32)
 
 
@@ -91,11 +96,12 @@ def _nibbles_16(packed: torch.Tensor) -> torch.Tensor:
 
 
 def _q4_0(blocks: torch.Tensor, values: torch.Tensor) -> None:
-    values.copy_(_nibbles_16(blocks[:, 2:])).sub_(8).mul_(_f16(blocks, 0))
+    values.copy_(_nibbles_16(blocks, 2)).sub_(8).mul_(_f16(blocks, 0))
 
 
 def _q4_1(blocks: torch.Tensor, values: torch.Tensor) -> None:
-    values.copy_(_nibbles_16(blocks[:, 4:])).mul_(_f16(blocks, 0)).add_(_f16(blocks, 2))
+    d_m = _f16(blocks, 0, count=2)
+    values.copy_(_nibbles_16(blocks, 4)).mul_(d_m[:, :1]).add_(d_m[:, 1:])
 
 
 def _q5_0(blocks: torch.Tensor, values: torch.Tensor) -> None:
@@ -194,23 +200,29 @@ DEQUANTIZERS: dict[int, Callable[[torch.Tensor, torch.Tensor], None]] = {
 }
 
 
-def dequantize(raw: torch.Tensor, ggml_type: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A tensor's bytes (uint8, maybe a view of the file) -> a fresh tensor of `shape` in `dtype`."""
+def dequantize(
+    raw: torch.Tensor, ggml_type: int, shape: tuple[int, ...], dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """A tensor's bytes (uint8, maybe a view of the file) -> a tensor of `shape` in `dtype`: a fresh one,
+    or `out` (contiguous, of that shape and dtype) written in place."""
+    if out is None:
+        out = torch.empty(shape, dtype=dtype)
+    elif tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"dequantize into {tuple(out.shape)} {out.dtype}: expected contiguous {tuple(shape)} {dtype}")
     if ggml_type in FLOAT_TYPES:  # f16 / bf16 -> float32 is exact, so one rounding to dtype, as numpy's
-        return raw.view(FLOAT_TYPES[ggml_type]).to(dtype, copy=True).reshape(shape)
+        return out.copy_(raw.view(FLOAT_TYPES[ggml_type]).view(shape))
     if ggml_type not in DEQUANTIZERS:  # the IQ types and the rest: numpy, slower but complete
-        values = gguf.quants.dequantize(raw.numpy(), GGMLType(ggml_type))
-        return torch.from_numpy(values).to(dtype).reshape(shape)
+        return out.copy_(torch.from_numpy(gguf.quants.dequantize(raw.numpy(), GGMLType(ggml_type))).reshape(shape))
 
     block_size, block_bytes = BLOCK_SIZES[ggml_type]
     blocks = raw.view(-1, block_bytes)
     chunk_blocks = max(1, CHUNK_VALUES // block_size)
-    out = torch.empty(blocks.shape[0], block_size, dtype=dtype)
+    by_block = out.view(blocks.shape[0], block_size)
     scratch = None if dtype == torch.float32 else torch.empty(min(len(blocks), chunk_blocks), block_size)
     for start in range(0, len(blocks), chunk_blocks):
         chunk = blocks[start : start + chunk_blocks]
-        values = out[start : start + len(chunk)] if scratch is None else scratch[: len(chunk)]
+        values = by_block[start : start + len(chunk)] if scratch is None else scratch[: len(chunk)]
         DEQUANTIZERS[ggml_type](chunk, values)
         if scratch is not None:  # one rounding, float32 -> dtype, as in dequantize-then-.to(dtype)
-            out[start : start + len(chunk)] = values
-    return out.reshape(shape)
+            by_block[start : start + len(chunk)] = values
+    return out

@@ -160,11 +160,15 @@ def load_model(args: EngineArgs, tp: TensorParallelGroup = SINGLE_RANK) -> Loade
         model = model_class(checkpoint.hf_config)
     num_params = sum(p.numel() for p in model.parameters())  # before quantizing and packing turn weights into buffers
     from_gguf_blocks = args.quantization == "gguf" and isinstance(checkpoint, GGUFCheckpoint)
-    taken: set[str] = set()  # tensors the quantized layers hold as the file's blocks: not read again
+    taken: set[str] = set()  # tensors the swapped layers took from the file: not read again
     if from_gguf_blocks:
         from pagedllm.loader.quantize import quantize_before_loading
 
         taken = quantize_before_loading(model, checkpoint.header)
+    if isinstance(checkpoint, GGUFCheckpoint) and args.quantization in (None, "gguf") and args.load_format != "dummy":
+        from pagedllm.loader.gguf_packed import pack_before_loading
+
+        taken |= pack_before_loading(model, checkpoint.header, dtype)  # CPU: the dense matrices, packed from the file
     if args.load_format == "dummy":
         _init_dummy_weights(model, args.seed)
     else:

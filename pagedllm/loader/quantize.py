@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import mmap
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -38,6 +37,7 @@ from pagedllm.layers.quantized_linear import (
     quantized_from,
 )
 from pagedllm.layers.vocab_parallel import logits_table
+from pagedllm.models.weights import stacked_parts
 
 if TYPE_CHECKING:
     from pagedllm.loader.gguf import GGUFHeader
@@ -89,9 +89,7 @@ def stored_matrices(source: str | GGUFHeader) -> dict[str, StoredMatrix]:
     header = source if isinstance(source, gguf.GGUFHeader) else gguf.read_gguf_header(source)
     arch, heads = gguf.architecture_of(header), gguf.permuted_heads(header)
     out = {}
-    with open(header.path, "rb") as f:
-        # Copy-on-write, as torch wants a writable buffer; never written: the blocks and tiles are copies.
-        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    data = gguf.map_file(header.path)  # never written: the blocks and tiles are copies
     for info in header.tensors:
         if info.ggml_type not in BLOCK_BYTES or len(info.shape) != 2:
             continue
@@ -146,14 +144,6 @@ def _linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
-def _gguf_parts(layer_name: str, stacked: list[tuple[str, str, int]]) -> list[str]:
-    """HF parameter names whose rows make up our layer's weight, in order."""
-    parent, _, leaf = layer_name.rpartition(".")
-    parts = sorted((index, theirs) for ours, theirs, index in stacked if ours == leaf)
-    names = [f"{parent}.{theirs}" for _, theirs in parts] if parts else [layer_name]
-    return [f"{n}.weight" for n in names]
-
-
 def _fits(layer: nn.Linear, method: str, compute: torch.dtype) -> bool:
     """Whether the kernel takes this shape: inputs in blocks of 32 (torch's int8 kernel takes
     any), and for torch's int4 kernel outputs by 16."""
@@ -201,7 +191,7 @@ def _swap_layers(model: nn.Module, method: str, gguf: str | GGUFHeader | None, c
     taken: set[str] = set()
     for name, layer in layers:
         parent_name, _, leaf = name.rpartition(".")
-        part_names = _gguf_parts(name, stacked) if method == "gguf" else []
+        part_names = stacked_parts(name, stacked) if method == "gguf" else []
         parts = [stored.get(p) for p in part_names]
         # Dense stay: GGUF layers with a part that is not Q4, and shapes the kernel cannot take.
         fits = _fits(layer, method, compute) and all(p is not None and p.is_q4 for p in parts)

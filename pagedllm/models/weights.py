@@ -11,6 +11,14 @@ from torch import nn
 StackedMapping = list[tuple[str, str, int]]
 
 
+def stacked_parts(layer_name: str, stacked: StackedMapping) -> list[str]:
+    """The checkpoint's (HF) weight names whose rows make up our layer's weight, in order."""
+    parent, _, leaf = layer_name.rpartition(".")
+    parts = sorted((index, theirs) for ours, theirs, index in stacked if ours == leaf)
+    names = [f"{parent}.{theirs}" for _, theirs in parts] if parts else [layer_name]
+    return [f"{n}.weight" for n in names]
+
+
 def load_stacked_weights(
     model: nn.Module,
     weights: Iterable[tuple[str, torch.Tensor]],
