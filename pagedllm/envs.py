@@ -35,6 +35,8 @@ _VARIABLES: dict[str, Callable[[], Any]] = {
     "PAGEDLLM_PROFILE_STEPS": lambda: os.environ.get("PAGEDLLM_PROFILE_STEPS", "100:140"),
     # "0": quantized CPU layers use torch's int4 kernel instead of pagedllm's compiled ones (layers/cpu_kernels.py)
     "PAGEDLLM_CPU_KERNELS": lambda: os.environ.get("PAGEDLLM_CPU_KERNELS", "1") != "0",
+    # the best instruction set the CPU kernels may be compiled for: avx512vnni, avxvnni or avx2 (layers/cpu_kernels.py)
+    "PAGEDLLM_CPU_ISA": lambda: os.environ.get("PAGEDLLM_CPU_ISA", ""),
     # pagedllm's own cache: compiled CPU kernels, and models unless PAGEDLLM_MODEL_CACHE says otherwise
     "PAGEDLLM_CACHE_DIR": lambda: os.environ.get("PAGEDLLM_CACHE_DIR")
     or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "pagedllm"),

@@ -170,6 +170,42 @@ def test_our_kernels_are_chosen_where_they_run():
     assert isinstance(model[0], BlockLinear) and isinstance(model[1], nn.Linear)
 
 
+def test_kernel_instruction_set_by_cpu_flags():
+    avx2 = {"avx2", "fma", "f16c"}
+    assert cpu_kernels.best_isa(avx2) == "avx2"
+    assert cpu_kernels.best_isa(avx2 | {"avx512_vnni"}) == "avx2"  # VNNI on 256-bit vectors needs AVX512VL
+    assert cpu_kernels.best_isa(avx2 | {"avx512_vnni", "avx512vl", "avx_vnni"}) == "avx512vnni"
+    assert cpu_kernels.best_isa(avx2 | {"avx_vnni"}) == "avxvnni"
+    assert cpu_kernels.best_isa(avx2 | {"avx512_vnni", "avx512vl"}, cap="avx2") == "avx2"
+    assert cpu_kernels.best_isa(avx2 | {"avx512_vnni", "avx512vl", "avx_vnni"}, cap="avxvnni") == "avxvnni"
+    with pytest.raises(ValueError, match="PAGEDLLM_CPU_ISA must be one of"):
+        cpu_kernels.best_isa(avx2, cap="avx512")
+
+
+@needs_our_kernels
+@pytest.mark.skipif(cpu_kernels.best_isa(cpu_kernels._cpu_flags()) == "avx2", reason="no VNNI on this CPU")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_vnni_products_are_the_avx2_ones_bit_for_bit(bits):
+    """The library this CPU gets (VNNI) and the AVX2 one every x86-64 CPU here can run: the same
+    output bits on random weights and activations, every tile width and a partial group."""
+    torch.manual_seed(bits)
+    n, k = 84, 256
+    if bits == 4:
+        weight = Q4Blocks(torch.randint(0, 256, (n, k // 32, 16), dtype=torch.uint8), (torch.rand(n, k // 32, 2) / 50).half())
+    else:
+        weight = Q8Blocks(torch.randint(-127, 128, (n, k), dtype=torch.int8), (torch.rand(n, k // 32) / 50).half())
+    tiles, x = Tiles.of(weight), torch.randn(101, k)
+    outputs = []
+    for library in (cpu_kernels.load(), cpu_kernels.load("avx2")):
+        y = torch.empty(x.shape[0], n)
+        product = library.matmul_q4 if bits == 4 else library.matmul_q8
+        assert product(tiles.qs.data_ptr(), tiles.scales.data_ptr(), x.data_ptr(), y.data_ptr(), x.shape[0], n, k) == 0
+        outputs.append(y)
+    assert torch.equal(*outputs)
+    want = x @ weight.dequantize().t()
+    assert (outputs[0] - want).abs().max() < 3e-2 * want.abs().max()  # int8 activations (test_per_layer_error_bounds)
+
+
 def test_kernels_fall_back_with_the_reason(monkeypatch, tmp_path, caplog):
     """No compiler, a compiler that fails, or the switch: None and a logged reason, never an error."""
     logger = logging.getLogger("pagedllm")

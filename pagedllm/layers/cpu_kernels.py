@@ -4,8 +4,8 @@ elementwise work and paged attention of a step, on float32 or bfloat16 activatio
 arithmetic (layers/cpu_ops.py).
 
 The C file is compiled at first use with the system's C compiler (under a second, no build step
-at install), cached by the hash of its source and flags in ~/.cache/pagedllm/cpu_kernels, and
-called through ctypes. Where it cannot run -- no compiler, another CPU, PAGEDLLM_CPU_KERNELS=0 --
+at install) for the best instruction set this CPU has (ISAS: AVX2, or VNNI beside it), cached by
+the hash of its source and flags in ~/.cache/pagedllm/cpu_kernels, and called through ctypes. Where it cannot run -- no compiler, another CPU, PAGEDLLM_CPU_KERNELS=0 --
 `lib()` is None and callers take torch's kernels; the reason is logged once.
 
 Weights, as contiguous tensors (N output rows, K inputs, K / 32 blocks a row), as read:
@@ -40,6 +40,14 @@ logger = logging.getLogger("pagedllm")
 _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "cpu_kernels.c")
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared"]
 _CPU_FLAGS = {"avx2", "fma", "f16c"}
+# The instruction sets the file is compiled for, best first: the CPU flags (/proc/cpuinfo) each
+# needs beyond AVX2, and its compiler flags. VNNI's vpdpbusd does a product's multiply-adds in one
+# instruction (cpu_kernels.c, "matrix products"); the results are the same bits.
+ISAS = {
+    "avx512vnni": ({"avx512_vnni", "avx512vl"}, ["-mavx512vnni", "-mavx512vl"]),
+    "avxvnni": ({"avx_vnni"}, ["-mavxvnni"]),
+    "avx2": (set(), []),
+}
 BLOCK = 32
 
 
@@ -153,18 +161,26 @@ def lib() -> ctypes.CDLL | None:
     return load()
 
 
-def load() -> ctypes.CDLL | None:
-    """lib() without the cache: compile if needed and load, or log why not and return None."""
+def load(isa: str | None = None) -> ctypes.CDLL | None:
+    """lib() without the cache: compile if needed (for `isa`, else the best this CPU and
+    PAGEDLLM_CPU_ISA allow) and load, or log why not and return None. A compiler that cannot build
+    an instruction set (too old for VNNI) gets the next one down."""
     reason = _unavailable()
     if reason is not None:
         logger.info("CPU kernels off (%s): quantized layers use torch's kernels", reason)
         return None
-    try:
-        path = _compiled()
-    except (OSError, subprocess.CalledProcessError) as error:
-        detail = getattr(error, "stderr", None) or error
-        logger.warning("CPU kernels off: compiling %s failed (%s); quantized layers use torch's kernels", _SOURCE, detail)
+    candidates = list(ISAS)[list(ISAS).index(isa or best_isa(_cpu_flags(), envs.PAGEDLLM_CPU_ISA)) :]
+    for candidate in candidates:
+        try:
+            path = _compiled(ISAS[candidate][1])
+            break
+        except (OSError, subprocess.CalledProcessError) as error:
+            detail = getattr(error, "stderr", None) or error
+            logger.warning("CPU kernels: compiling %s for %s failed (%s)", _SOURCE, candidate, detail)
+    else:
+        logger.warning("CPU kernels off: they did not compile; quantized layers use torch's kernels")
         return None
+    logger.debug("CPU kernels for %s: %s", candidate, path)
     library = ctypes.CDLL(path)
     for name, (restype, argtypes) in _SIGNATURES.items():
         fn = getattr(library, name)
@@ -222,15 +238,24 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def best_isa(cpu_flags: set[str], cap: str = "") -> str:
+    """The best of ISAS that CPU flags allow, no better than `cap` (a name in ISAS, or "": none)."""
+    if cap and cap not in ISAS:
+        raise ValueError(f"PAGEDLLM_CPU_ISA must be one of {', '.join(ISAS)}, not {cap!r}")
+    names = list(ISAS)[list(ISAS).index(cap) :] if cap else list(ISAS)
+    return next(name for name in names if ISAS[name][0] <= cpu_flags)
+
+
 def _compiler() -> str:
     return os.environ.get("CC", "gcc")
 
 
-def _compiled() -> str:
+def _compiled(isa_flags: list[str]) -> str:
     """Path of the shared library, compiled now unless this source and these flags already were."""
+    flags = [*_FLAGS, *isa_flags]
     with open(_SOURCE, "rb") as f:
         source = f.read()
-    key = hashlib.sha256(source + " ".join([_compiler(), *_FLAGS]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join([_compiler(), *flags]).encode()).hexdigest()[:16]
     folder = os.path.join(os.path.expanduser(envs.PAGEDLLM_CACHE_DIR), "cpu_kernels", key)
     path = os.path.join(folder, "libpagedllm_cpu.so")
     if os.path.exists(path):
@@ -241,7 +266,7 @@ def _compiled() -> str:
     fd, partial = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
     try:
-        subprocess.run([_compiler(), *_FLAGS, "-o", partial, _SOURCE], check=True, capture_output=True, text=True)
+        subprocess.run([_compiler(), *flags, "-o", partial, _SOURCE], check=True, capture_output=True, text=True)
         os.replace(partial, path)
     finally:
         if os.path.exists(partial):

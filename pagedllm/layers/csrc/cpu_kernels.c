@@ -1,5 +1,5 @@
-/* CPU kernels for pagedllm (x86-64 with AVX2, FMA and F16C), compiled at first use by
- * layers/cpu_kernels.py and called through ctypes. Float32 arithmetic throughout, on float32 or
+/* CPU kernels for pagedllm (x86-64 with AVX2, FMA and F16C; the products use VNNI where the CPU
+ * has it), compiled at first use by layers/cpu_kernels.py and called through ctypes. Float32 arithmetic throughout, on float32 or
  * bfloat16 activations (see number formats, below). Matrices are row-major;
  * a row stride is given where the rows may be a view into a wider tensor (q, k and v are column
  * slices of one qkv projection); every K of a quantized product is a multiple of 32.
@@ -186,6 +186,20 @@ static void quantize_q8(const float *x, int64_t n_blocks, int8_t *q, float *d, f
 
 #define TILE_TOKENS 4
 #define TILE_GROUPS 2
+
+/* Where the CPU has VNNI (AVX512-VNNI with AVX512VL, or AVX-VNNI; layers/cpu_kernels.py picks the
+ * flags), vpdpbusd adds each lane's four unsigned x signed byte products straight into an int32
+ * sum: one instruction for vpmaddubsw and the additions after it. The integer sums are the same
+ * (no int16 lane saturates either way), so the outputs are the same bits. */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define VNNI 1
+static inline __m256i dot_add(__m256i sum, __m256i u, __m256i s) { return _mm256_dpbusd_epi32(sum, u, s); }
+#elif defined(__AVXVNNI__)
+#define VNNI 1
+static inline __m256i dot_add(__m256i sum, __m256i u, __m256i s) { return _mm256_dpbusd_avx_epi32(sum, u, s); }
+#else
+#define VNNI 0
+#endif
 /* Tokens whose int8 activations (96 x K bytes) stay in L2 while every row group passes over them. */
 #define TOKEN_CHUNK 96
 
@@ -242,7 +256,7 @@ static inline __attribute__((always_inline)) void tile_q4(const int T, const int
     for (int t = 0; t < T; t++)
         for (int g = 0; g < G; g++) _mm256_store_ps(acc[t][g], _mm256_setzero_ps());
     for (int64_t b = 0; b < nb; b++) {
-        /* int16 lanes: each sums 16 products of at most 15 * 127, so never overflows. */
+        /* int16 lanes (int32 with VNNI): each sums 16 products of at most 15 * 127, so never overflows. */
         __m256i sum[TILE_TOKENS][TILE_GROUPS];
         for (int t = 0; t < T; t++)
             for (int g = 0; g < G; g++) sum[t][g] = _mm256_setzero_si256();
@@ -258,8 +272,12 @@ static inline __attribute__((always_inline)) void tile_q4(const int T, const int
                 const int8_t *x = xq + t * K + b * QK + 4 * j;
                 const __m256i x_lo = quad(x), x_hi = quad(x + 16);
                 for (int g = 0; g < G; g++) {
+#if VNNI
+                    sum[t][g] = dot_add(dot_add(sum[t][g], lo[g], x_lo), hi[g], x_hi);
+#else
                     sum[t][g] = _mm256_add_epi16(sum[t][g], _mm256_maddubs_epi16(lo[g], x_lo));
                     sum[t][g] = _mm256_add_epi16(sum[t][g], _mm256_maddubs_epi16(hi[g], x_hi));
+#endif
                     __asm__("" : "+x"(sum[t][g]));  /* in this order (above) */
                 }
             }
@@ -269,7 +287,7 @@ static inline __attribute__((always_inline)) void tile_q4(const int T, const int
             const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dm));
             const __m256 mins = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(dm + 8)));
             for (int t = 0; t < T; t++) {
-                const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum[t][g], ones));
+                const __m256 dot = _mm256_cvtepi32_ps(VNNI ? sum[t][g] : _mm256_madd_epi16(sum[t][g], ones));
                 __m256 r = _mm256_fmadd_ps(_mm256_mul_ps(dot, _mm256_set1_ps(xd[t * nb + b])), d, _mm256_load_ps(acc[t][g]));
                 _mm256_store_ps(acc[t][g], _mm256_fmadd_ps(mins, _mm256_set1_ps(xs[t * nb + b]), r));
             }
@@ -304,8 +322,12 @@ static inline __attribute__((always_inline)) void tile_q8(const int T, const int
                 for (int g = 0; g < G; g++) {
                     /* vpmaddubsw wants one unsigned operand: |w| * (x with w's sign). Two products
                      * of 127 * 127 fill an int16, so each pair is widened to int32 at once. */
+#if VNNI
+                    sum[t][g] = dot_add(sum[t][g], v_abs[g], _mm256_sign_epi8(x, v[g]));
+#else
                     const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(v_abs[g], _mm256_sign_epi8(x, v[g])), ones);
                     sum[t][g] = _mm256_add_epi32(sum[t][g], p);
+#endif
                     __asm__("" : "+x"(sum[t][g]));  /* in this order (above) */
                 }
             }
