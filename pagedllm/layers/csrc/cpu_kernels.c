@@ -27,6 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
+#include <sched.h>
 
 #define QK 32
 
@@ -369,31 +370,38 @@ static inline __attribute__((always_inline)) void tiles_over_tokens(int bits, in
     }
 }
 
+/* Pair p of row groups (16 rows; 8 for a last odd group) of y (M, N) = x W^T, tokens [chunk, end). */
+static inline __attribute__((always_inline)) void product_pair(int bits, const void *qs, const uint16_t *scales,
+                                                               const Q8 *a, float *y, int64_t N, int64_t K,
+                                                               int64_t chunk, int64_t end, int64_t p) {
+    const int64_t nb = K / QK, groups = (N + 7) / 8, g = 2 * p;
+    const int64_t group_bytes = nb * (bits == 4 ? 128 : 256), group_scales = nb * (bits == 4 ? 16 : 8);
+    const int last = g + 1 < groups ? (int)g + 1 : (int)g;
+    const Tile tl = {(const uint8_t *)qs + g * group_bytes, scales + g * group_scales, group_bytes, group_scales,
+                     chunk, nb, K, N, y + 8 * g, N - 8 * last < 8 ? (int)(N - 8 * last) : 8};
+    if (last > g) {
+        tiles_over_tokens(bits, 2, tl, end, a);
+    } else {
+        tiles_over_tokens(bits, 1, tl, end, a);
+    }
+}
+
+static inline int64_t pairs_of(int64_t N) { return ((N + 7) / 8 + 1) / 2; }
+
 /* y (M, N) = x (M, K) W^T, W as q4 or q8 tiles; bits 4 or 8. Returns 0, or -1 if out of memory. */
 static inline int matmul_tiles(int bits, const void *qs, const uint16_t *scales, const float *x, float *y, int64_t M,
                                int64_t N, int64_t K) {
-    const int64_t nb = K / QK, groups = (N + 7) / 8, pairs = (groups + 1) / 2;
-    const int64_t group_bytes = nb * (bits == 4 ? 128 : 256), group_scales = nb * (bits == 4 ? 16 : 8);
+    const int64_t pairs = pairs_of(N);
     Q8 a;
     if (quantize_rows(x, M, K, &a)) return -1;
     /* Every thread meets the same chunks, and takes pairs of each as it comes (guided, no wait): a
      * worker woken late from its passive wait takes fewer, rather than the caller waiting for it at
      * the end. Each output is one tile's, so the results do not depend on who computed them. */
-#pragma omp parallel if (M * N * nb >= PARALLEL_MIN_BLOCKS)
+#pragma omp parallel if (M * N * (K / QK) >= PARALLEL_MIN_BLOCKS)
     for (int64_t chunk = 0; chunk < M; chunk += TOKEN_CHUNK) {
         const int64_t end = chunk + TOKEN_CHUNK < M ? chunk + TOKEN_CHUNK : M;
 #pragma omp for schedule(guided) nowait
-        for (int64_t p = 0; p < pairs; p++) {
-            const int64_t g = 2 * p;
-            const int last = g + 1 < groups ? (int)g + 1 : (int)g;
-            const Tile tl = {(const uint8_t *)qs + g * group_bytes, scales + g * group_scales, group_bytes, group_scales,
-                             chunk, nb, K, N, y + 8 * g, N - 8 * last < 8 ? (int)(N - 8 * last) : 8};
-            if (last > g) {
-                tiles_over_tokens(bits, 2, tl, end, &a);
-            } else {
-                tiles_over_tokens(bits, 1, tl, end, &a);
-            }
-        }
+        for (int64_t p = 0; p < pairs; p++) product_pair(bits, qs, scales, &a, y, N, K, chunk, end, p);
     }
     free(a.q);
     return 0;
@@ -853,6 +861,78 @@ int paged_attention(const void *q, int64_t q_stride, const void *k_cache, const 
     return status;
 }
 
+/* ---------------------------------------------------------------- one team for a step
+ *
+ * A decode step is ~120 products and attentions of tens of microseconds each. As OpenMP regions
+ * of their own, every one wakes the sleeping workers and puts them back to sleep (pagedllm sets
+ * OMP_WAIT_POLICY=PASSIVE, so idle threads never spin: spinning starves the other processes on
+ * the cores), ~20 us a region on a 2-core VM -- 30% of a single-stream step. So decode_layers
+ * runs the whole step as one region: its phases are separated by the team's own barrier, whose
+ * waiters spin while the wait is short and yield the core (sched_yield) while it is not, so a
+ * waiting thread gives way to any other process that wants the core. Between steps the threads
+ * sleep in OpenMP's passive wait as before. Work is claimed from one counter that only grows:
+ * every thread makes exactly one failed claim per phase, so each phase's first claim number is
+ * known to all. */
+
+#define TEAM_SPINS 2000 /* pause loops (~10-40 us) before a waiter yields instead */
+
+typedef struct {
+    int threads, arrived, generation;
+    int64_t claimed __attribute__((aligned(64))); /* claims so far, over all phases (apart from the
+                                                   * line the barrier's waiters read) */
+} Team;
+
+static void team_barrier(Team *team) {
+    const int generation = __atomic_load_n(&team->generation, __ATOMIC_ACQUIRE);
+    if (__atomic_add_fetch(&team->arrived, 1, __ATOMIC_ACQ_REL) == team->threads) {
+        __atomic_store_n(&team->arrived, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&team->generation, generation + 1, __ATOMIC_RELEASE);
+        return;
+    }
+    for (int spins = 0; __atomic_load_n(&team->generation, __ATOMIC_ACQUIRE) == generation; spins++) {
+        if (spins < TEAM_SPINS) {
+            _mm_pause();
+        } else {
+            sched_yield();
+        }
+    }
+}
+
+/* A phase of `tasks` tasks: each thread's next task, or -1 when the phase has none left. *base is
+ * the phase's first claim number (the same on every thread); after its last (failed) claim it is
+ * moved past the phase. */
+static inline int64_t team_claim(Team *team, int64_t *base, int64_t tasks) {
+    const int64_t task = __atomic_fetch_add(&team->claimed, 1, __ATOMIC_RELAXED) - *base;
+    if (task < tasks) return task;
+    *base += tasks + team->threads;
+    return -1;
+}
+
+/* This thread's share [*r0, *r1) of n rows (or other items). */
+static inline void team_rows(const Team *team, int tid, int64_t n, int64_t *r0, int64_t *r1) {
+    *r0 = n * tid / team->threads;
+    *r1 = n * (tid + 1) / team->threads;
+}
+
+/* y (M, N) = x (M, K) W^T on q4 tiles, by the team: the activations quantized by rows into a
+ * (shared), then each thread its share of the pairs of row groups (the team is awake and in step,
+ * and a claim would cost more than a pair's work at one token); the results are matmul_q4's. Ends
+ * with a barrier. */
+static void team_product(Team *team, int tid, const uint8_t *qs, const uint16_t *dm, const float *x, float *y,
+                         int64_t M, int64_t N, int64_t K, const Q8 *a) {
+    const int64_t nb = K / QK;
+    int64_t r0, r1, p0, p1;
+    team_rows(team, tid, M, &r0, &r1);
+    quantize_q8(x + r0 * K, (r1 - r0) * nb, a->q + r0 * K, a->d + r0 * nb, a->s + r0 * nb);
+    team_rows(team, tid, pairs_of(N), &p0, &p1);
+    team_barrier(team);
+    for (int64_t chunk = 0; chunk < M; chunk += TOKEN_CHUNK) {
+        const int64_t end = chunk + TOKEN_CHUNK < M ? chunk + TOKEN_CHUNK : M;
+        for (int64_t p = p0; p < p1; p++) product_pair(4, qs, dm, a, y, N, K, chunk, end, p);
+    }
+    team_barrier(team);
+}
+
 /* ---------------------------------------------------------------- a Llama decode step */
 
 /* One decoder layer's weights and cache: the four products as q4 blocks (qs, dm), the two norms. */
@@ -865,34 +945,75 @@ typedef struct {
 
 /* Every decoder layer of a Llama-shaped model (RMSNorm, q/k/v with rotary, GQA attention on the
  * paged cache, o; RMSNorm, SiLU-gated MLP) for a step of one new token per sequence, in one call
- * instead of a few hundred Python-level ones -- the same kernels in the same order as the layers'
- * own forward on this path, so the same numbers. x (B, hidden): the embeddings in, the last
- * layer's output out; residual (B, hidden): zeros in (the first layer's residual is x), the
- * running residual out; cache_type: the caches' (F32 or F16). Returns 0, or -1 if out of memory. */
+ * and one team of threads instead of a few hundred Python-level calls -- the same kernels in the
+ * same order as the layers' own forward on this path, so the same numbers. x (B, hidden): the
+ * embeddings in, the last layer's output out; residual (B, hidden): zeros in (the first layer's
+ * residual is x), the running residual out; cache_type: the caches' (F32 or F16). Returns 0, or
+ * -1 if out of memory. */
 int decode_layers(const DecoderLayer *layers, int64_t num_layers, float *x, float *residual, int64_t B, int64_t hidden,
                   int64_t heads, int64_t kv_heads, int64_t dim, int64_t inter, float eps, const int64_t *positions,
                   const float *cos_sin, const int64_t *slots, const int32_t *block_tables, int64_t table_stride,
                   const int32_t *seq_lens, int64_t block_size, float scale, int cache_type) {
-    const int64_t width = (heads + 2 * kv_heads) * dim;  /* a token's q | k | v */
-    float *h = malloc(B * (hidden + width + heads * dim + 3 * inter) * sizeof(float));
-    if (h == NULL) return -1;
+    const int64_t width = (heads + 2 * kv_heads) * dim, group = heads / kv_heads; /* a token's q | k | v */
+    const int64_t widest = inter > hidden ? (inter > heads * dim ? inter : heads * dim) : (hidden > heads * dim ? hidden : heads * dim);
+    /* attention tasks: a sequence's kv heads together, or one each when too few sequences to share */
+    const int max_threads = omp_get_max_threads();
+    const int64_t split = B < 4 * max_threads ? kv_heads : 1, per_task = kv_heads / split;
+    const int64_t scratch = attend_scratch(per_task * group);
+    float *h = malloc((B * (hidden + width + heads * dim + 3 * inter) + max_threads * scratch) * sizeof(float));
+    int8_t *q8 = malloc(B * widest + 2 * (B * widest / QK) * sizeof(float));
+    if (h == NULL || q8 == NULL) {
+        free(h);
+        free(q8);
+        return -1;
+    }
     float *qkv = h + B * hidden, *attn = qkv + B * width, *gate_up = attn + B * heads * dim, *act = gate_up + 2 * B * inter;
-    int status = 0;
-    for (int64_t l = 0; l < num_layers && status == 0; l++) {
-        const DecoderLayer *L = layers + l;
-        rms_norm(x, hidden, residual, hidden, L->input_norm, eps, h, residual, B, hidden, F32);
-        status |= matmul_q4(L->qkv_qs, L->qkv_dm, h, qkv, B, width, hidden);
-        rotary(qkv, width, B, heads + kv_heads, dim, positions, cos_sin, F32);
-        write_kv(qkv + heads * dim, width, qkv + (heads + kv_heads) * dim, width, L->k_cache, L->v_cache, slots, B,
-                 kv_heads * dim, F32, cache_type);
-        status |= paged_attention_f32(qkv, width, L->k_cache, L->v_cache, block_tables, table_stride, seq_lens, NULL, B,
-                                      heads, kv_heads, dim, block_size, scale, 0, attn, cache_type);
-        status |= matmul_q4(L->o_qs, L->o_dm, attn, x, B, hidden, heads * dim);
-        rms_norm(x, hidden, residual, hidden, L->post_norm, eps, h, residual, B, hidden, F32);
-        status |= matmul_q4(L->gate_up_qs, L->gate_up_dm, h, gate_up, B, 2 * inter, hidden);
-        act_and_mul(gate_up, 2 * inter, act, B, inter, 0, F32);
-        status |= matmul_q4(L->down_qs, L->down_dm, act, x, B, hidden, inter);
+    float *scratches = act + B * inter;
+    const Q8 a = {q8, (float *)(q8 + B * widest), (float *)(q8 + B * widest) + B * widest / QK};
+    Team team = {0, 0, 0, 0};
+#pragma omp parallel
+    {
+        const int tid = omp_get_thread_num();
+#pragma omp single
+        team.threads = omp_get_num_threads();  /* (single's barrier: every thread sees it) */
+        int64_t base = 0, r0, r1;
+        team_rows(&team, tid, B, &r0, &r1);
+        const int64_t rows = r1 - r0;
+        for (int64_t l = 0; l < num_layers; l++) {
+            const DecoderLayer *L = layers + l;
+            rms_norm(x + r0 * hidden, hidden, residual + r0 * hidden, hidden, L->input_norm, eps, h + r0 * hidden,
+                     residual + r0 * hidden, rows, hidden, F32);
+            team_barrier(&team);
+            team_product(&team, tid, L->qkv_qs, L->qkv_dm, h, qkv, B, width, hidden, &a);
+            rotary(qkv + r0 * width, width, rows, heads + kv_heads, dim, positions + r0, cos_sin, F32);
+            write_kv(qkv + r0 * width + heads * dim, width, qkv + r0 * width + (heads + kv_heads) * dim, width,
+                     L->k_cache, L->v_cache, slots + r0, rows, kv_heads * dim, F32, cache_type);
+            team_barrier(&team);
+            for (int64_t task; (task = team_claim(&team, &base, B * split)) >= 0;) {
+                const int64_t b = task / split, g0 = task % split * per_task;
+                const float *qt = qkv + b * width + g0 * group * dim;
+                float *ot = attn + (b * heads + g0 * group) * dim, *sc = scratches + tid * scratch;
+                const int32_t *table = block_tables + b * table_stride;
+                if (cache_type == F16) {
+                    attend(qt, width, 1, seq_lens[b], 0, group, dim, L->k_cache, L->v_cache, table, kv_heads, g0,
+                           g0 + per_task, block_size, scale, ot, heads * dim, sc, F16);
+                } else {
+                    attend(qt, width, 1, seq_lens[b], 0, group, dim, L->k_cache, L->v_cache, table, kv_heads, g0,
+                           g0 + per_task, block_size, scale, ot, heads * dim, sc, F32);
+                }
+            }
+            team_barrier(&team);
+            team_product(&team, tid, L->o_qs, L->o_dm, attn, x, B, hidden, heads * dim, &a);
+            rms_norm(x + r0 * hidden, hidden, residual + r0 * hidden, hidden, L->post_norm, eps, h + r0 * hidden,
+                     residual + r0 * hidden, rows, hidden, F32);
+            team_barrier(&team);
+            team_product(&team, tid, L->gate_up_qs, L->gate_up_dm, h, gate_up, B, 2 * inter, hidden, &a);
+            act_and_mul(gate_up + r0 * 2 * inter, 2 * inter, act + r0 * inter, rows, inter, 0, F32);
+            team_barrier(&team);
+            team_product(&team, tid, L->down_qs, L->down_dm, act, x, B, hidden, inter, &a);
+        }
     }
     free(h);
-    return status ? -1 : 0;
+    free(q8);
+    return 0;
 }
