@@ -14,7 +14,21 @@ from typing import Any
 # OpenMP threads that spin while waiting starve every other process on the cores:
 # the server's HTTP process, a second engine, the test runner. Measured on the 2-core
 # CI machine under load: bf16 decode 1.5 tok/s spinning vs 18 tok/s passive.
+_USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def peer_environment() -> dict[str, str]:
+    """The environment for another engine measured beside pagedllm (llama.cpp, vLLM, HF in `pagedllm
+    bench`): the process's, with OMP_WAIT_POLICY as the user had it rather than pagedllm's default.
+    (Passive OpenMP threads cost llama.cpp 2.6x at batch 1 on a 2-core VM: each of its ~500 thread
+    syncs a token then wakes a sleeping thread.)"""
+    env = dict(os.environ)
+    if _USER_OMP_WAIT_POLICY is None:
+        env.pop("OMP_WAIT_POLICY", None)
+    else:
+        env["OMP_WAIT_POLICY"] = _USER_OMP_WAIT_POLICY
+    return env
 
 _VARIABLES: dict[str, Callable[[], Any]] = {
     "PAGEDLLM_LOG_LEVEL": lambda: os.environ.get("PAGEDLLM_LOG_LEVEL", "INFO").upper(),

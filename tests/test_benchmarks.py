@@ -16,6 +16,7 @@ import sys
 
 import pytest
 
+from pagedllm import envs
 from pagedllm.benchmarks import offline, step_profile, summary, workloads
 from pagedllm.entrypoints.cli import make_parser
 
@@ -41,7 +42,8 @@ class LLM:
         params = params if isinstance(params, list) else [params] * len(prompts)
         with open(os.environ["STAND_IN_LOG"], "a") as f:
             f.write(json.dumps(dict(prompts=[p["prompt_token_ids"] for p in prompts],
-                                    max_tokens=[p.max_tokens for p in params])) + "\\n")
+                                    max_tokens=[p.max_tokens for p in params],
+                                    omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))) + "\\n")
         time.sleep(0.01)
         return [SimpleNamespace(outputs=[SimpleNamespace(token_ids=[7] * p.max_tokens)]) for p in params]
 '''
@@ -69,7 +71,9 @@ def test_vllm_peer_gets_the_same_token_ids_and_both_figures_are_reported(stand_i
 
     expected = workloads.throughput(4, 8, 16, 4, workloads.MODEL_CONFIGS["tiny"]["vocab_size"])
     calls = [json.loads(line) for line in open(tmp_path / "calls.jsonl")]
-    assert calls[-1] == dict(prompts=expected.prompts, max_tokens=expected.output_lens)  # the timed call
+    # the timed call; OpenMP as the user set it (none in CI), not pagedllm's passive default
+    assert calls[-1] == dict(prompts=expected.prompts, max_tokens=expected.output_lens,
+                             omp_wait_policy=envs._USER_OMP_WAIT_POLICY)
     assert calls[0]["max_tokens"] == [16] * 4  # the warm-up, as ours
 
     ours, peer = results
@@ -87,6 +91,17 @@ def test_vllm_peer_gets_the_same_token_ids_and_both_figures_are_reported(stand_i
 
     table = summary.table(summary.load(str(out)))
     assert "| tiny |" in table and f"{ours['ratio']:.2f}" in table
+
+
+def test_hf_peer_on_the_cpu_runs_in_a_child_with_the_users_openmp(monkeypatch):
+    """HF in a child process: OMP_WAIT_POLICY there is the user's (here ACTIVE, set before pagedllm
+    was imported, as a user would), never pagedllm's PASSIVE; the figures and ratio come back."""
+    monkeypatch.setattr(envs, "_USER_OMP_WAIT_POLICY", "ACTIVE")
+    assert envs.peer_environment()["OMP_WAIT_POLICY"] == "ACTIVE"
+    monkeypatch.setattr(envs, "_USER_OMP_WAIT_POLICY", None)
+    assert "OMP_WAIT_POLICY" not in envs.peer_environment() and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    (result,) = _bench(["throughput", *SMALL, "--peer", "hf"])
+    assert result["peer"] == "hf generate" and result["peer_output_tok_s"] > 0 and result["ratio"] > 0
 
 
 def test_bench_all_runs_every_workload_with_one_vllm_child(stand_in_vllm, tmp_path):

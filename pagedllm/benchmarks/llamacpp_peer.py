@@ -22,6 +22,8 @@ import os
 import subprocess
 import sys
 
+from pagedllm import envs
+
 INSTALL_HINT = (
     'llama-cpp-python is not installed for {python}. Install it (it builds llama.cpp, ~3-5 minutes): '
     'CMAKE_ARGS="-DGGML_NATIVE=ON" {python} -m pip install llama-cpp-python -- or in a separate virtual '
@@ -92,7 +94,7 @@ def run(python: str, gguf_path: str, prompts: list[list[int]], output_len: int, 
         raise RuntimeError(INSTALL_HINT.format(python=python))
     job = dict(model=gguf_path, threads=threads, prompts=prompts, output_len=output_len,
                n_ctx=max(map(len, prompts)) + output_len + 8)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env = {**envs.peer_environment(), "OMP_NUM_THREADS": str(threads)}
     done = subprocess.run([python, "-c", _CHILD], input=json.dumps(job), capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"the llama.cpp peer failed:\n{done.stderr[-2000:]}")

@@ -32,8 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("workload", choices=["throughput", "latency", "all"], help="which workload (all: both)")
     add_engine_arguments(parser)
     parser.add_argument("--peer", choices=["hf", "vllm", "llamacpp", "none"], default="hf",
-                        help="peer measured in the same run: HF transformers in this process, vLLM in a child process, "
-                             "or llama.cpp on the same GGUF file in a child process (default: hf)")
+                        help="peer measured in the same run: HF transformers (in this process on a GPU, a child process on "
+                             "the CPU), vLLM in a child process, or llama.cpp on the same GGUF file in a child process; "
+                             "the children get OpenMP as you set it, not pagedllm's passive default (default: hf)")
     parser.add_argument("--peer-python", default=None,
                         help="--peer llamacpp|vllm: the Python that has llama-cpp-python or vLLM's CPU build, "
                              "e.g. a virtual environment's bin/python (default: this one)")
@@ -85,7 +86,7 @@ def main(args: argparse.Namespace) -> list[dict]:
         vllm_run = _run_vllm(args, _hf_folder_for_vllm(args, llm, dtype, tmp), options, runs, gpu,
                              dtype=str(dtype).removeprefix("torch."))
     hf = None
-    if args.peer == "hf":
+    if args.peer == "hf" and gpu:
         hf = peers.load_hf_model(args.model_config, None if args.model_config else llm.engine.core.executor.model_info.config.source, dtype, device,
                                  paged=gpu and args.workload != "latency")
     results = []
@@ -97,6 +98,10 @@ def main(args: argparse.Namespace) -> list[dict]:
                 peer_name, peer = "hf generate_batch (paged|sdpa)", peers.hf_generate_batch(hf, w, device)
             else:
                 peer_name, peer = "hf generate", peers.hf_generate(hf, w, device, args.peer_batch_size)
+        elif args.peer == "hf":
+            gguf_path = None if args.model_config else llm.engine.core.executor.model_info.config.source
+            peer_name = "hf generate"
+            peer = peers.run_in_child(args.model_config, gguf_path, dtype, w, args.peer_batch_size, torch.get_num_threads())
         elif args.peer == "llamacpp":
             source = llm.engine.core.runner.config.source
             timing = llamacpp_peer.run(python, source, w.prompts, w.output_lens[0], torch.get_num_threads())

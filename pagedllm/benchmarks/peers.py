@@ -1,12 +1,23 @@
-"""HF transformers as the peer: the same prompts and lengths, EOS ignored, greedy."""
+"""HF transformers as the peer: the same prompts and lengths, EOS ignored, greedy.
+
+On the GPU it runs in the bench's process; on the CPU in a child process (`run_in_child`), whose
+OpenMP threads start with the user's settings (envs.peer_environment), not pagedllm's passive
+ones, which would slow HF's hundreds of small parallel ops a step. This file is the child's
+script, run by path: torch is imported before any pagedllm module, so its OpenMP runtime reads
+the environment the child was given before pagedllm's default is set.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 
 import torch
 
-from pagedllm.benchmarks.workloads import Workload
+from pagedllm.benchmarks.workloads import Workload  # (after torch: see above)
 
 
 def load_hf_model(model_config: str | None, gguf_path: str | None, dtype: torch.dtype, device: str, paged: bool):
@@ -73,3 +84,26 @@ def hf_generate(model, workload: Workload, device: str, batch_size: int) -> floa
         run(workload.prompts[i : i + batch_size], workload.output_lens[0])
     _sync(device)
     return time.perf_counter() - start
+
+
+def run_in_child(model_config: str | None, gguf_path: str | None, dtype: torch.dtype, workload: Workload,
+                 batch_size: int, threads: int) -> float:
+    """hf_generate on the CPU in a child process (see the module doc); returns its seconds."""
+    from pagedllm import envs
+
+    job = dict(model_config=model_config, gguf_path=gguf_path, dtype=str(dtype).removeprefix("torch."),
+               name=workload.name, prompts=workload.prompts, output_lens=workload.output_lens,
+               batch_size=batch_size, threads=threads)
+    done = subprocess.run([sys.executable, os.path.abspath(__file__)], input=json.dumps(job), capture_output=True,
+                          text=True, env=envs.peer_environment())
+    if done.returncode != 0:
+        raise RuntimeError(f"the HF peer failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+
+
+if __name__ == "__main__":  # the child of run_in_child
+    job = json.load(sys.stdin)
+    torch.set_num_threads(job["threads"])
+    hf = load_hf_model(job["model_config"], job["gguf_path"], getattr(torch, job["dtype"]), "cpu", paged=False)
+    seconds = hf_generate(hf, Workload(job["name"], job["prompts"], job["output_lens"]), "cpu", job["batch_size"])
+    print(json.dumps({"seconds": seconds}))

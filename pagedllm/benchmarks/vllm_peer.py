@@ -90,7 +90,9 @@ def run(
     with open(spec_path, "w") as f:
         json.dump(dict(model=model, load_format=load_format, engine=engine,
                        workloads=[dict(name=w.name, prompts=w.prompts, output_lens=w.output_lens) for w in workloads]), f)
-    env = {**os.environ, **{k: os.environ.get(k, v) for k, v in ENV.items()}}
+    from pagedllm import envs  # (not at the top: this file is also the child's script, in vLLM's environment)
+
+    env = {**envs.peer_environment(), **{k: os.environ.get(k, v) for k, v in ENV.items()}}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (site, os.environ.get("PYTHONPATH", "")) if p)
     if threads is not None:  # the CPU build: cores 0..threads-1, a 1 GiB KV cache (ours: --kv-cache-memory)
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")
