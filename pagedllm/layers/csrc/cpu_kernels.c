@@ -915,20 +915,21 @@ static inline void team_rows(const Team *team, int tid, int64_t n, int64_t *r0, 
 }
 
 /* y (M, N) = x (M, K) W^T on q4 tiles, by the team: the activations quantized by rows into a
- * (shared), then each thread its share of the pairs of row groups (the team is awake and in step,
- * and a claim would cost more than a pair's work at one token); the results are matmul_q4's. Ends
- * with a barrier. */
-static void team_product(Team *team, int tid, const uint8_t *qs, const uint16_t *dm, const float *x, float *y,
-                         int64_t M, int64_t N, int64_t K, const Q8 *a) {
-    const int64_t nb = K / QK;
-    int64_t r0, r1, p0, p1;
+ * (shared), then the pairs of row groups claimed in runs of an eighth of a thread's share (a claim
+ * a pair would cost more than the pair's work at one token; fixed shares would wait for a core
+ * that something else slowed); the results are matmul_q4's. Ends with a barrier. */
+static void team_product(Team *team, int tid, int64_t *base, const uint8_t *qs, const uint16_t *dm, const float *x,
+                         float *y, int64_t M, int64_t N, int64_t K, const Q8 *a) {
+    const int64_t nb = K / QK, pairs = pairs_of(N);
+    const int64_t run = pairs / (8 * team->threads) > 1 ? pairs / (8 * team->threads) : 1, runs = (pairs + run - 1) / run;
+    int64_t r0, r1;
     team_rows(team, tid, M, &r0, &r1);
     quantize_q8(x + r0 * K, (r1 - r0) * nb, a->q + r0 * K, a->d + r0 * nb, a->s + r0 * nb);
-    team_rows(team, tid, pairs_of(N), &p0, &p1);
     team_barrier(team);
     for (int64_t chunk = 0; chunk < M; chunk += TOKEN_CHUNK) {
         const int64_t end = chunk + TOKEN_CHUNK < M ? chunk + TOKEN_CHUNK : M;
-        for (int64_t p = p0; p < p1; p++) product_pair(4, qs, dm, a, y, N, K, chunk, end, p);
+        for (int64_t c; (c = team_claim(team, base, runs)) >= 0;)
+            for (int64_t p = c * run; p < pairs && p < (c + 1) * run; p++) product_pair(4, qs, dm, a, y, N, K, chunk, end, p);
     }
     team_barrier(team);
 }
@@ -984,7 +985,7 @@ int decode_layers(const DecoderLayer *layers, int64_t num_layers, float *x, floa
             rms_norm(x + r0 * hidden, hidden, residual + r0 * hidden, hidden, L->input_norm, eps, h + r0 * hidden,
                      residual + r0 * hidden, rows, hidden, F32);
             team_barrier(&team);
-            team_product(&team, tid, L->qkv_qs, L->qkv_dm, h, qkv, B, width, hidden, &a);
+            team_product(&team, tid, &base, L->qkv_qs, L->qkv_dm, h, qkv, B, width, hidden, &a);
             rotary(qkv + r0 * width, width, rows, heads + kv_heads, dim, positions + r0, cos_sin, F32);
             write_kv(qkv + r0 * width + heads * dim, width, qkv + r0 * width + (heads + kv_heads) * dim, width,
                      L->k_cache, L->v_cache, slots + r0, rows, kv_heads * dim, F32, cache_type);
@@ -1003,14 +1004,14 @@ int decode_layers(const DecoderLayer *layers, int64_t num_layers, float *x, floa
                 }
             }
             team_barrier(&team);
-            team_product(&team, tid, L->o_qs, L->o_dm, attn, x, B, hidden, heads * dim, &a);
+            team_product(&team, tid, &base, L->o_qs, L->o_dm, attn, x, B, hidden, heads * dim, &a);
             rms_norm(x + r0 * hidden, hidden, residual + r0 * hidden, hidden, L->post_norm, eps, h + r0 * hidden,
                      residual + r0 * hidden, rows, hidden, F32);
             team_barrier(&team);
-            team_product(&team, tid, L->gate_up_qs, L->gate_up_dm, h, gate_up, B, 2 * inter, hidden, &a);
+            team_product(&team, tid, &base, L->gate_up_qs, L->gate_up_dm, h, gate_up, B, 2 * inter, hidden, &a);
             act_and_mul(gate_up + r0 * 2 * inter, 2 * inter, act + r0 * inter, rows, inter, 0, F32);
             team_barrier(&team);
-            team_product(&team, tid, L->down_qs, L->down_dm, act, x, B, hidden, inter, &a);
+            team_product(&team, tid, &base, L->down_qs, L->down_dm, act, x, B, hidden, inter, &a);
         }
     }
     free(h);
