@@ -735,18 +735,19 @@ static inline __attribute__((always_inline)) void attend(const float *q, int64_t
         const int64_t n = PIECE - t0 % PIECE < end - t0 ? PIECE - t0 % PIECE : end - t0;
         cache_rows(table, block_size, t0, n, slot);
         for (int64_t i = 0; i < n; i++) slot[i] *= kv_heads * dim;
-        /* the next piece's keys and values on their way to L2 while this one is computed */
+        /* the next piece's keys and values on their way to L2 while this one is computed, a
+         * share before each kv head's pass (all at once: 3-4% slower, scripts/cpu_decode_attention_bench.py) */
         const int64_t next = end - (t0 + n) < PIECE ? end - (t0 + n) : PIECE;
         int64_t ahead[PIECE];
         cache_rows(table, block_size, t0 + n, next, ahead);
-        for (int64_t i = 0; i < next; i++) {
-            const int64_t at = ahead[i] * kv_heads * dim;
-            for (int64_t b = 0; b < kv_heads * dim * type_size(ct); b += 64) {
-                _mm_prefetch((const char *)element(k_cache, at, ct) + b, _MM_HINT_T1);
-                _mm_prefetch((const char *)element(v_cache, at, ct) + b, _MM_HINT_T1);
-            }
-        }
         for (int64_t g = g0; g < g1; g++) {
+            for (int64_t i = next * (g - g0) / (g1 - g0); i < next * (g - g0 + 1) / (g1 - g0); i++) {
+                const int64_t at = ahead[i] * kv_heads * dim;
+                for (int64_t b = 0; b < kv_heads * dim * type_size(ct); b += 64) {
+                    _mm_prefetch((const char *)element(k_cache, at, ct) + b, _MM_HINT_T1);
+                    _mm_prefetch((const char *)element(v_cache, at, ct) + b, _MM_HINT_T1);
+                }
+            }
             for (int64_t i = 0; i < n; i++) {
                 kp[i] = element(k_cache, slot[i] + g * dim, ct);
                 vp[i] = element(v_cache, slot[i] + g * dim, ct);
