@@ -37,7 +37,7 @@ class LLM:
         if os.environ.get("STAND_IN_FAIL"):
             raise RuntimeError("stand-in start-up failure")
         assert os.path.isfile(os.path.join(model, "config.json")) and load_format == "dummy"
-        self.llm_engine = SimpleNamespace(model_config=SimpleNamespace(dtype="torch.float32"))
+        self.llm_engine = SimpleNamespace(model_config=SimpleNamespace(dtype="torch." + engine["dtype"]))
     def generate(self, prompts, params, use_tqdm):
         params = params if isinstance(params, list) else [params] * len(prompts)
         with open(os.environ["STAND_IN_LOG"], "a") as f:
@@ -102,6 +102,13 @@ def test_hf_peer_on_the_cpu_runs_in_a_child_with_the_users_openmp(monkeypatch):
     assert "OMP_WAIT_POLICY" not in envs.peer_environment() and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
     (result,) = _bench(["throughput", *SMALL, "--peer", "hf"])
     assert result["peer"] == "hf generate" and result["peer_output_tok_s"] > 0 and result["ratio"] > 0
+
+
+def test_the_peer_can_run_its_own_dtype(stand_in_vllm):
+    """--peer-dtype: vLLM's CPU build at its default bfloat16 beside our float32 run."""
+    ours, peer = _bench(["throughput", *SMALL, "--dtype", "float32", "--peer", "vllm", "--vllm-site", str(stand_in_vllm),
+                         "--peer-dtype", "bfloat16"])
+    assert ours["dtype"] == "float32" and ours["peer_dtype"] == "bfloat16" and peer["dtype"] == "bfloat16"
 
 
 def test_bench_all_runs_every_workload_with_one_vllm_child(stand_in_vllm, tmp_path):

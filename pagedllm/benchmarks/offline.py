@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="throughput: prompt length range (default: 100 1024 GPU, 16 256 CPU)")
     parser.add_argument("--output-len", type=int, default=None, help="output tokens per request (default: 256 GPU, 128 CPU)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="latency: batch sizes (default: 1 64 GPU, 1 CPU)")
+    parser.add_argument("--peer-dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="--peer hf|vllm: the peer's dtype, e.g. its own best where it differs from ours "
+                             "(our --quantization gguf computes in float32, vLLM's CPU build in bfloat16; default: ours)")
     parser.add_argument("--peer-batch-size", type=int, default=32, help="HF generate: padded batch size (default: 32)")
 
 
@@ -70,7 +73,8 @@ def main(args: argparse.Namespace) -> list[dict]:
     vllm_run = None
     if args.peer == "vllm" and gpu:
         # Before our engine exists: the child's exit hands the whole GPU back to us.
-        vllm_run = _run_vllm(args, model, options, make_workloads(args, vocab, gpu) if vocab else None, gpu)
+        vllm_run = _run_vllm(args, model, options, make_workloads(args, vocab, gpu) if vocab else None, gpu,
+                             dtype=args.peer_dtype)
         if vllm_run is not None:
             _wait_for_free_gpu_memory(args.tensor_parallel_size)
 
@@ -81,13 +85,14 @@ def main(args: argparse.Namespace) -> list[dict]:
     vocab = vocab or vocab_loaded
     machine = hardware.describe(device)
     runs = make_workloads(args, vocab, gpu)
+    peer_dtype = getattr(torch, args.peer_dtype) if args.peer_dtype else dtype
 
     if args.peer == "vllm" and not gpu:  # CPU: after ours, which resolves the model and its prompts
-        vllm_run = _run_vllm(args, _hf_folder_for_vllm(args, llm, dtype, tmp), options, runs, gpu,
-                             dtype=str(dtype).removeprefix("torch."))
+        vllm_run = _run_vllm(args, _hf_folder_for_vllm(args, llm, peer_dtype, tmp), options, runs, gpu,
+                             dtype=str(peer_dtype).removeprefix("torch."))
     hf = None
     if args.peer == "hf" and gpu:
-        hf = peers.load_hf_model(args.model_config, None if args.model_config else llm.engine.core.executor.model_info.config.source, dtype, device,
+        hf = peers.load_hf_model(args.model_config, None if args.model_config else llm.engine.core.executor.model_info.config.source, peer_dtype, device,
                                  paged=gpu and args.workload != "latency")
     results = []
     for w in runs:
@@ -101,7 +106,7 @@ def main(args: argparse.Namespace) -> list[dict]:
         elif args.peer == "hf":
             gguf_path = None if args.model_config else llm.engine.core.executor.model_info.config.source
             peer_name = "hf generate"
-            peer = peers.run_in_child(args.model_config, gguf_path, dtype, w, args.peer_batch_size, torch.get_num_threads())
+            peer = peers.run_in_child(args.model_config, gguf_path, peer_dtype, w, args.peer_batch_size, torch.get_num_threads())
         elif args.peer == "llamacpp":
             source = llm.engine.core.runner.config.source
             timing = llamacpp_peer.run(python, source, w.prompts, w.output_lens[0], torch.get_num_threads())
@@ -120,11 +125,13 @@ def main(args: argparse.Namespace) -> list[dict]:
             weight_bytes = num_params * torch.empty(0, dtype=dtype).element_size()
             result["mbu"] = round(weight_bytes / (ours / w.output_lens[0]) / hardware.memory_bandwidth(), 3)
         if peer is not None:
+            if args.peer == "hf":
+                result["peer_dtype"] = str(peer_dtype).removeprefix("torch.")
             result.update(peer=peer_name, peer_seconds=round(peer, 3), peer_output_tok_s=round(w.num_output_tokens / peer, 1),
                           ratio=round(peer / ours, 2))
         figure = vllm_run.figures.get(w.name) if vllm_run else None
         if figure is not None:
-            result.update(peer=vllm_run.version, peer_seconds=round(figure.seconds, 3),
+            result.update(peer=vllm_run.version, peer_dtype=vllm_run.dtype, peer_seconds=round(figure.seconds, 3),
                           peer_output_tok_s=round(w.num_output_tokens / figure.seconds, 1),
                           peer_ms_per_step=round(figure.seconds / w.output_lens[0] * 1000, 2),
                           peer_startup_s=vllm_run.startup_s, ratio=round(figure.seconds / ours, 2))
