@@ -169,8 +169,7 @@ def load(isa: str | None = None) -> ctypes.CDLL | None:
     if reason is not None:
         logger.info("CPU kernels off (%s): quantized layers use torch's kernels", reason)
         return None
-    candidates = list(ISAS)[list(ISAS).index(isa or best_isa(_cpu_flags(), envs.PAGEDLLM_CPU_ISA)) :]
-    for candidate in candidates:
+    for candidate in _isas_from(isa or best_isa(_cpu_flags(), envs.PAGEDLLM_CPU_ISA)):
         try:
             path = _compiled(ISAS[candidate][1])
             break
@@ -242,8 +241,13 @@ def best_isa(cpu_flags: set[str], cap: str = "") -> str:
     """The best of ISAS that CPU flags allow, no better than `cap` (a name in ISAS, or "": none)."""
     if cap and cap not in ISAS:
         raise ValueError(f"PAGEDLLM_CPU_ISA must be one of {', '.join(ISAS)}, not {cap!r}")
-    names = list(ISAS)[list(ISAS).index(cap) :] if cap else list(ISAS)
-    return next(name for name in names if ISAS[name][0] <= cpu_flags)
+    return next(name for name in _isas_from(cap or next(iter(ISAS))) if ISAS[name][0] <= cpu_flags)
+
+
+def _isas_from(name: str) -> list[str]:
+    """ISAS' names from `name` down."""
+    names = list(ISAS)
+    return names[names.index(name) :]
 
 
 def _compiler() -> str:

@@ -306,8 +306,6 @@ static inline __attribute__((always_inline)) void tile_q8(const int T, const int
     const int64_t nb = tl->nb, K = tl->K;
     const int8_t *xq = a->q + tl->m * K;
     const float *xd = a->d + tl->m * nb;
-    const __m256i ones = _mm256_set1_epi16(1);  /* (AVX2) */
-    (void)ones;
     float acc[TILE_TOKENS][TILE_GROUPS][8] __attribute__((aligned(32)));  /* in memory (above) */
     for (int t = 0; t < T; t++)
         for (int g = 0; g < G; g++) _mm256_store_ps(acc[t][g], _mm256_setzero_ps());
@@ -336,13 +334,14 @@ static inline __attribute__((always_inline)) void tile_q8(const int T, const int
             for (int t = 0; t < T; t++) {
                 const __m256i x = quad(xq + t * K + b * QK + 4 * j);
                 for (int g = 0; g < G; g++) {
-                    /* vpmaddubsw wants one unsigned operand: |w| * (x with w's sign). Two products
-                     * of 127 * 127 fill an int16, so each pair is widened to int32 at once. */
 #if VNNI
                     /* x comes as x + 128, unsigned (matmul_tiles): sum (x + 128) w, less 128 sum w below */
                     sum[t][g] = dot_add(sum[t][g], x, v[g]);
 #else
-                    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(v_abs[g], _mm256_sign_epi8(x, v[g])), ones);
+                    /* vpmaddubsw wants one unsigned operand: |w| * (x with w's sign). Two products
+                     * of 127 * 127 fill an int16, so each pair is widened to int32 at once. */
+                    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(v_abs[g], _mm256_sign_epi8(x, v[g])),
+                                                        _mm256_set1_epi16(1));
                     sum[t][g] = _mm256_add_epi32(sum[t][g], p);
 #endif
                     __asm__("" : "+x"(sum[t][g]));  /* in this order (above) */
@@ -802,14 +801,38 @@ static inline __attribute__((always_inline)) void attend(const float *q, int64_t
         }
 }
 
+/* attend() with the cache type a constant in each of its loops. */
+static void attend_ct(const float *q, int64_t q_stride, int64_t rows, int64_t len0, int64_t window, int64_t group,
+                      int64_t dim, const void *k_cache, const void *v_cache, const int32_t *table, int64_t kv_heads,
+                      int64_t g0, int64_t g1, int64_t block_size, float scale, float *out, int64_t out_stride,
+                      float *scratch, int ct) {
+    switch (ct) {
+    case F16:
+        attend(q, q_stride, rows, len0, window, group, dim, k_cache, v_cache, table, kv_heads, g0, g1, block_size, scale,
+               out, out_stride, scratch, F16);
+        break;
+    case BF16:
+        attend(q, q_stride, rows, len0, window, group, dim, k_cache, v_cache, table, kv_heads, g0, g1, block_size, scale,
+               out, out_stride, scratch, BF16);
+        break;
+    default:
+        attend(q, q_stride, rows, len0, window, group, dim, k_cache, v_cache, table, kv_heads, g0, g1, block_size, scale,
+               out, out_stride, scratch, F32);
+    }
+}
+
+/* Attention tasks are up to ROW_TILE rows of one sequence with all its kv heads (each block read
+ * whole), or with one kv head each (split = kv_heads) when there are too few to keep every thread busy. */
+static inline int64_t attention_split(int64_t tiles, int64_t kv_heads) {
+    return tiles < 4 * omp_get_max_threads() ? kv_heads : 1;
+}
+
 /* paged_attention (below) of float32 queries and outputs. */
 static int paged_attention_f32(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache,
                                const int32_t *block_tables, int64_t table_stride, const int32_t *seq_lens,
                                const int32_t *query_start, int64_t num_seqs, int64_t H, int64_t kv_heads, int64_t dim,
                                int64_t block_size, float scale, int64_t window, float *out, int ct) {
     const int64_t group = H / kv_heads;
-    /* a task: up to ROW_TILE rows of one sequence, all its kv heads (each block read whole); one
-     * kv head per task when there are too few tasks to keep every thread busy */
     int64_t tiles = 0, work = 0;
     for (int64_t b = 0; b < num_seqs; b++) {
         const int64_t rows = query_start ? query_start[b + 1] - query_start[b] : 1;
@@ -822,7 +845,7 @@ static int paged_attention_f32(const float *q, int64_t q_stride, const void *k_c
         const int64_t first = query_start ? query_start[b] : b, last = query_start ? query_start[b + 1] : b + 1;
         for (int64_t r = first; r < last; r += ROW_TILE, k++) { tile_at[2 * k] = b; tile_at[2 * k + 1] = r; }
     }
-    const int64_t split = tiles < 4 * omp_get_max_threads() ? kv_heads : 1, per_task = kv_heads / split;
+    const int64_t split = attention_split(tiles, kv_heads), per_task = kv_heads / split;
     int failed = 0;
 #pragma omp parallel if (work * H * dim >= 1 << 18)
     {
@@ -837,20 +860,8 @@ static int paged_attention_f32(const float *q, int64_t q_stride, const void *k_c
             const float *qt = q + r0 * q_stride + g0 * group * dim;
             const int32_t *table = block_tables + b * table_stride;
             float *ot = out + (r0 * H + g0 * group) * dim;
-            /* one loop per cache type (ct is a constant in each call) */
-            switch (ct) {
-            case F16:
-                attend(qt, q_stride, rows, len0, window, group, dim, k_cache, v_cache, table, kv_heads, g0, g0 + per_task,
-                       block_size, scale, ot, H * dim, scratch, F16);
-                break;
-            case BF16:
-                attend(qt, q_stride, rows, len0, window, group, dim, k_cache, v_cache, table, kv_heads, g0, g0 + per_task,
-                       block_size, scale, ot, H * dim, scratch, BF16);
-                break;
-            default:
-                attend(qt, q_stride, rows, len0, window, group, dim, k_cache, v_cache, table, kv_heads, g0, g0 + per_task,
-                       block_size, scale, ot, H * dim, scratch, F32);
-            }
+            attend_ct(qt, q_stride, rows, len0, window, group, dim, k_cache, v_cache, table, kv_heads, g0, g0 + per_task,
+                      block_size, scale, ot, H * dim, scratch, ct);
         }
         free(scratch);
     }
@@ -932,7 +943,7 @@ static inline int64_t team_claim(Team *team, int64_t *base, int64_t tasks) {
     return -1;
 }
 
-/* This thread's share [*r0, *r1) of n rows (or other items). */
+/* This thread's share [*r0, *r1) of n rows. */
 static inline void team_rows(const Team *team, int tid, int64_t n, int64_t *r0, int64_t *r1) {
     *r0 = n * tid / team->threads;
     *r1 = n * (tid + 1) / team->threads;
@@ -981,9 +992,8 @@ int decode_layers(const DecoderLayer *layers, int64_t num_layers, float *x, floa
                   const int32_t *seq_lens, int64_t block_size, float scale, int cache_type) {
     const int64_t width = (heads + 2 * kv_heads) * dim, group = heads / kv_heads; /* a token's q | k | v */
     const int64_t widest = inter > hidden ? (inter > heads * dim ? inter : heads * dim) : (hidden > heads * dim ? hidden : heads * dim);
-    /* attention tasks: a sequence's kv heads together, or one each when too few sequences to share */
     const int max_threads = omp_get_max_threads();
-    const int64_t split = B < 4 * max_threads ? kv_heads : 1, per_task = kv_heads / split;
+    const int64_t split = attention_split(B, kv_heads), per_task = kv_heads / split; /* a task a row (B tiles) */
     const int64_t scratch = attend_scratch(per_task * group);
     float *h = malloc((B * (hidden + width + heads * dim + 3 * inter) + max_threads * scratch) * sizeof(float));
     int8_t *q8 = malloc(B * widest + 2 * (B * widest / QK) * sizeof(float));
@@ -1018,14 +1028,8 @@ int decode_layers(const DecoderLayer *layers, int64_t num_layers, float *x, floa
                 const int64_t b = task / split, g0 = task % split * per_task;
                 const float *qt = qkv + b * width + g0 * group * dim;
                 float *ot = attn + (b * heads + g0 * group) * dim, *sc = scratches + tid * scratch;
-                const int32_t *table = block_tables + b * table_stride;
-                if (cache_type == F16) {
-                    attend(qt, width, 1, seq_lens[b], 0, group, dim, L->k_cache, L->v_cache, table, kv_heads, g0,
-                           g0 + per_task, block_size, scale, ot, heads * dim, sc, F16);
-                } else {
-                    attend(qt, width, 1, seq_lens[b], 0, group, dim, L->k_cache, L->v_cache, table, kv_heads, g0,
-                           g0 + per_task, block_size, scale, ot, heads * dim, sc, F32);
-                }
+                attend_ct(qt, width, 1, seq_lens[b], 0, group, dim, L->k_cache, L->v_cache, block_tables + b * table_stride,
+                          kv_heads, g0, g0 + per_task, block_size, scale, ot, heads * dim, sc, cache_type);
             }
             team_barrier(&team);
             team_product(&team, tid, &base, L->o_qs, L->o_dm, attn, x, B, hidden, heads * dim, &a);
