@@ -619,11 +619,26 @@ void write_kv(const void *k, int64_t k_stride, const void *v, int64_t v_stride, 
 #define PIECE 64
 #define MAX_HEADS 3 /* query heads taken together (their accumulators fill the 16 vector registers) */
 
+/* The next piece's cache rows on their way to L2, `per` lines at a time between the current
+ * piece's loads: a burst of hundreds of prefetches stalls the core until most have arrived. */
+typedef struct {
+    const char *rows[2 * PIECE]; /* K and V rows of the next piece's positions, all kv heads */
+    int64_t n, bytes, j, b, per;   /* rows, bytes a row, cursor (row, byte), lines per call */
+} Ahead;
+
+static inline void ahead_step(Ahead *a) {
+    for (int64_t k = 0; k < a->per && a->j < a->n; k++) {
+        _mm_prefetch(a->rows[a->j] + a->b, _MM_HINT_T1);
+        if ((a->b += 64) >= a->bytes) { a->b = 0; a->j++; }
+    }
+}
+
 /* s[h * PIECE + i] = scale q_h . k_i for G query heads (q, dim apart) and n keys (pointers, of
  * cache type ct), four keys at a time. */
 static inline __attribute__((always_inline)) void score_heads(const int G, const float *q, int64_t dim, const void *const *k,
-                                                              int64_t n, float scale, float *s, int ct) {
+                                                              int64_t n, float scale, float *s, int ct, Ahead *ahead) {
     for (int64_t i0 = 0; i0 < n; i0 += 4) {
+        ahead_step(ahead);
         const void *kj[4];
         for (int j = 0; j < 4; j++) kj[j] = k[i0 + j < n ? i0 + j : n - 1];
         __m256 a[MAX_HEADS][4];
@@ -715,8 +730,9 @@ static inline __attribute__((always_inline)) void accumulate_heads(const int G, 
 /* G query heads of one row over n keys and values: score, online softmax, accumulate. */
 static inline __attribute__((always_inline)) void attend_heads(const int G, const float *q, const void *const *k,
                                                                const void *const *v, int64_t n, int64_t dim, float scale,
-                                                               float *top, float *total, float *o, float *scores, int ct) {
-    score_heads(G, q, dim, k, n, scale, scores, ct);
+                                                               float *top, float *total, float *o, float *scores, int ct,
+                                                               Ahead *ahead) {
+    score_heads(G, q, dim, k, n, scale, scores, ct, ahead);
     for (int h = 0; h < G; h++) softmax_chunk(scores + h * PIECE, n, top + h, total + h, o + h * dim, dim);
     accumulate_heads(G, scores, v, n, o, dim, ct);
 }
@@ -757,19 +773,21 @@ static inline __attribute__((always_inline)) void attend(const float *q, int64_t
         const int64_t n = PIECE - t0 % PIECE < end - t0 ? PIECE - t0 % PIECE : end - t0;
         cache_rows(table, block_size, t0, n, slot);
         for (int64_t i = 0; i < n; i++) slot[i] *= kv_heads * dim;
-        /* the next piece's keys and values on their way to L2 while this one is computed, a
-         * share before each kv head's pass (all at once: 3-4% slower, scripts/cpu_decode_attention_bench.py) */
+        /* the next piece's keys and values (of kv heads [g0, g1)) on their way to L2 while this one
+         * is computed, spread evenly over the score passes: (g1 - g0) of them, (n + 3) / 4 key
+         * quads each. A share in one burst before each pass was 1.4x slower from memory
+         * (scripts/cpu_decode_attention_bench.py: 1.14 -> 0.81 ms a layer). */
         const int64_t next = end - (t0 + n) < PIECE ? end - (t0 + n) : PIECE;
-        int64_t ahead[PIECE];
-        cache_rows(table, block_size, t0 + n, next, ahead);
+        int64_t at[PIECE];
+        cache_rows(table, block_size, t0 + n, next, at);
+        Ahead ahead = {.n = 2 * next, .bytes = (g1 - g0) * dim * type_size(ct)};
+        for (int64_t i = 0; i < next; i++) {
+            ahead.rows[2 * i] = element(k_cache, at[i] * kv_heads * dim + g0 * dim, ct);
+            ahead.rows[2 * i + 1] = element(v_cache, at[i] * kv_heads * dim + g0 * dim, ct);
+        }
+        const int64_t lines = ahead.n * ((ahead.bytes + 63) / 64), calls = (g1 - g0) * ((n + 3) / 4);
+        ahead.per = (lines + calls - 1) / calls;
         for (int64_t g = g0; g < g1; g++) {
-            for (int64_t i = next * (g - g0) / (g1 - g0); i < next * (g - g0 + 1) / (g1 - g0); i++) {
-                const int64_t at = ahead[i] * kv_heads * dim;
-                for (int64_t b = 0; b < kv_heads * dim * type_size(ct); b += 64) {
-                    _mm_prefetch((const char *)element(k_cache, at, ct) + b, _MM_HINT_T1);
-                    _mm_prefetch((const char *)element(v_cache, at, ct) + b, _MM_HINT_T1);
-                }
-            }
             for (int64_t i = 0; i < n; i++) {
                 kp[i] = element(k_cache, slot[i] + g * dim, ct);
                 vp[i] = element(v_cache, slot[i] + g * dim, ct);
@@ -783,11 +801,11 @@ static inline __attribute__((always_inline)) void attend(const float *q, int64_t
                     float *o = out + r * out_stride + h * dim, *tp = top + r * heads + h, *tt = total + r * heads + h;
                     const void *const *k = kp + (from - t0), *const *v = vp + (from - t0);
                     if (step == 3) {
-                        attend_heads(3, qh, k, v, to - from, dim, scale, tp, tt, o, scores, ct);
+                        attend_heads(3, qh, k, v, to - from, dim, scale, tp, tt, o, scores, ct, &ahead);
                     } else if (step == 2) {
-                        attend_heads(2, qh, k, v, to - from, dim, scale, tp, tt, o, scores, ct);
+                        attend_heads(2, qh, k, v, to - from, dim, scale, tp, tt, o, scores, ct, &ahead);
                     } else {
-                        attend_heads(1, qh, k, v, to - from, dim, scale, tp, tt, o, scores, ct);
+                        attend_heads(1, qh, k, v, to - from, dim, scale, tp, tt, o, scores, ct, &ahead);
                     }
                 }
             }
