@@ -619,6 +619,13 @@ void write_kv(const void *k, int64_t k_stride, const void *v, int64_t v_stride, 
 #define PIECE 64
 #define MAX_HEADS 3 /* query heads taken together (their accumulators fill the 16 vector registers) */
 
+/* The positions [from, to) of the sequence (block table `table`) a thread will likely attend next:
+ * its first piece is fetched during the last piece of the current one. */
+typedef struct {
+    const int32_t *table;
+    int64_t from, to;
+} Then;
+
 /* The next piece's cache rows on their way to L2, `per` lines at a time between the current
  * piece's loads: a burst of hundreds of prefetches stalls the core until most have arrived. */
 typedef struct {
@@ -760,7 +767,8 @@ static inline __attribute__((always_inline)) void attend(const float *q, int64_t
                                                          int64_t window, int64_t group, int64_t dim, const void *k_cache,
                                                          const void *v_cache, const int32_t *table, int64_t kv_heads,
                                                          int64_t g0, int64_t g1, int64_t block_size, float scale,
-                                                         float *out, int64_t out_stride, float *scratch, int ct) {
+                                                         float *out, int64_t out_stride, float *scratch, const Then *then,
+                                                         int ct) {
     const int64_t heads = (g1 - g0) * group, end = len0 + rows - 1;
     /* heads taken together: three, two or one at a time, whichever divides the group */
     const int64_t step = group % 3 == 0 ? 3 : group % 2 == 0 ? 2 : 1;
@@ -775,11 +783,14 @@ static inline __attribute__((always_inline)) void attend(const float *q, int64_t
         for (int64_t i = 0; i < n; i++) slot[i] *= kv_heads * dim;
         /* the next piece's keys and values (of kv heads [g0, g1)) on their way to L2 while this one
          * is computed, spread evenly over the score passes: (g1 - g0) of them, (n + 3) / 4 key
-         * quads each. A share in one burst before each pass was 1.4x slower from memory
-         * (scripts/cpu_decode_attention_bench.py: 1.14 -> 0.81 ms a layer). */
-        const int64_t next = end - (t0 + n) < PIECE ? end - (t0 + n) : PIECE;
+         * quads each. A share in one burst before each pass was 1.4x slower from memory, and
+         * leaving each sequence's first piece to the hardware another 1.35x
+         * (scripts/cpu_decode_attention_bench.py: 1.14 -> 0.81 -> 0.60 ms a layer). */
+        Then after = {table, t0 + n, end}; /* after the last piece: the first of the next sequence */
+        if (after.from == end && then != NULL) after = *then;
+        const int64_t room = PIECE - after.from % PIECE, next = after.to - after.from < room ? after.to - after.from : room;
         int64_t at[PIECE];
-        cache_rows(table, block_size, t0 + n, next, at);
+        cache_rows(after.table, block_size, after.from, next, at);
         Ahead ahead = {.n = 2 * next, .bytes = (g1 - g0) * dim * type_size(ct)};
         for (int64_t i = 0; i < next; i++) {
             ahead.rows[2 * i] = element(k_cache, at[i] * kv_heads * dim + g0 * dim, ct);
@@ -823,19 +834,19 @@ static inline __attribute__((always_inline)) void attend(const float *q, int64_t
 static void attend_ct(const float *q, int64_t q_stride, int64_t rows, int64_t len0, int64_t window, int64_t group,
                       int64_t dim, const void *k_cache, const void *v_cache, const int32_t *table, int64_t kv_heads,
                       int64_t g0, int64_t g1, int64_t block_size, float scale, float *out, int64_t out_stride,
-                      float *scratch, int ct) {
+                      float *scratch, const Then *then, int ct) {
     switch (ct) {
     case F16:
         attend(q, q_stride, rows, len0, window, group, dim, k_cache, v_cache, table, kv_heads, g0, g1, block_size, scale,
-               out, out_stride, scratch, F16);
+               out, out_stride, scratch, then, F16);
         break;
     case BF16:
         attend(q, q_stride, rows, len0, window, group, dim, k_cache, v_cache, table, kv_heads, g0, g1, block_size, scale,
-               out, out_stride, scratch, BF16);
+               out, out_stride, scratch, then, BF16);
         break;
     default:
         attend(q, q_stride, rows, len0, window, group, dim, k_cache, v_cache, table, kv_heads, g0, g1, block_size, scale,
-               out, out_stride, scratch, F32);
+               out, out_stride, scratch, then, F32);
     }
 }
 
@@ -878,8 +889,15 @@ static int paged_attention_f32(const float *q, int64_t q_stride, const void *k_c
             const float *qt = q + r0 * q_stride + g0 * group * dim;
             const int32_t *table = block_tables + b * table_stride;
             float *ot = out + (r0 * H + g0 * group) * dim;
+            const int64_t k2 = (task + omp_get_num_threads()) / split; /* likely this thread's next */
+            Then then = {NULL, 0, 0};
+            if (k2 < tiles) {
+                const int64_t b2 = tile_at[2 * k2], last2 = query_start ? query_start[b2 + 1] : b2 + 1;
+                const int64_t len2 = seq_lens[b2] - (last2 - 1 - tile_at[2 * k2 + 1]);
+                then = (Then){block_tables + b2 * table_stride, window > 0 && len2 > window ? len2 - window : 0, len2};
+            }
             attend_ct(qt, q_stride, rows, len0, window, group, dim, k_cache, v_cache, table, kv_heads, g0, g0 + per_task,
-                      block_size, scale, ot, H * dim, scratch, ct);
+                      block_size, scale, ot, H * dim, scratch, k2 < tiles ? &then : NULL, ct);
         }
         free(scratch);
     }
@@ -1046,8 +1064,11 @@ int decode_layers(const DecoderLayer *layers, int64_t num_layers, float *x, floa
                 const int64_t b = task / split, g0 = task % split * per_task;
                 const float *qt = qkv + b * width + g0 * group * dim;
                 float *ot = attn + (b * heads + g0 * group) * dim, *sc = scratches + tid * scratch;
+                const int64_t b2 = (task + team.threads) / split; /* likely this thread's next */
+                const Then then = {block_tables + b2 * table_stride, 0, b2 < B ? seq_lens[b2] : 0};
                 attend_ct(qt, width, 1, seq_lens[b], 0, group, dim, L->k_cache, L->v_cache, block_tables + b * table_stride,
-                          kv_heads, g0, g0 + per_task, block_size, scale, ot, heads * dim, sc, cache_type);
+                          kv_heads, g0, g0 + per_task, block_size, scale, ot, heads * dim, sc, b2 < B ? &then : NULL,
+                          cache_type);
             }
             team_barrier(&team);
             team_product(&team, tid, &base, L->o_qs, L->o_dm, attn, x, B, hidden, heads * dim, &a);
