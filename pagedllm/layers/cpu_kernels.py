@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from pagedllm import envs
+from pagedllm.layers import huge_pages
 
 logger = logging.getLogger("pagedllm")
 
@@ -89,7 +90,8 @@ class Q8Blocks:
 class Tiles:
     """Q4Blocks or Q8Blocks laid out for the products (cpu_kernels.c, "matrix products"): rows in
     groups of 8 (the last zero-padded), each block's bytes of the 8 rows interleaved four at a
-    time, so one vector holds four inputs' values of 8 rows. The same bytes, reordered once at load."""
+    time, so one vector holds four inputs' values of 8 rows. The same bytes, reordered once at
+    load, into huge-page memory (layers/huge_pages.py)."""
 
     bits: int  # 4 or 8
     qs: torch.Tensor  # (groups, K / 32, quads, 8, 4): 4 quads of q4 bytes or 8 of q8 values
@@ -107,16 +109,16 @@ class Tiles:
         qs = torch.cat([qs, qs.new_zeros(pad, *qs.shape[1:])])
         scales = torch.cat([scales, scales.new_zeros(pad, *scales.shape[1:])])
         groups = (n + pad) // 8
-        qs = qs.view(groups, 8, k // BLOCK, -1, 4).permute(0, 2, 3, 1, 4).contiguous()
-        scales = scales.view(groups, 8, k // BLOCK, -1).permute(0, 2, 3, 1).contiguous()
+        qs = huge_pages.copy(qs.view(groups, 8, k // BLOCK, -1, 4).permute(0, 2, 3, 1, 4))
+        scales = huge_pages.copy(scales.view(groups, 8, k // BLOCK, -1).permute(0, 2, 3, 1))
         return Tiles(bits, qs, scales, n)
 
     @staticmethod
     def empty(bits: int, n: int, k: int) -> Tiles:
         """Tiles of an (n, k) matrix to be written through `row_views` (the padding rows are zeroed here)."""
         groups, pad = -(-n // 8), -n % 8
-        qs = torch.empty(groups, k // BLOCK, BLOCK * bits // 32, 8, 4, dtype=torch.uint8 if bits == 4 else torch.int8)
-        scales = torch.empty(groups, k // BLOCK, 2 if bits == 4 else 1, 8, dtype=torch.float16)
+        qs = huge_pages.empty((groups, k // BLOCK, BLOCK * bits // 32, 8, 4), torch.uint8 if bits == 4 else torch.int8)
+        scales = huge_pages.empty((groups, k // BLOCK, 2 if bits == 4 else 1, 8), torch.float16)
         if pad:
             qs[-1, ..., 8 - pad :, :] = 0
             scales[-1, ..., 8 - pad :] = 0
