@@ -40,9 +40,10 @@ class _Arenas:
 
 
 def _mapped(nbytes: int) -> torch.Tensor:
+    if not hasattr(mmap, "MADV_HUGEPAGE"):  # not Linux: ordinary memory
+        return torch.empty(nbytes, dtype=torch.uint8)
     buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux
-        buf.madvise(mmap.MADV_HUGEPAGE)
+    buf.madvise(mmap.MADV_HUGEPAGE)
     return torch.frombuffer(buf, dtype=torch.uint8)
 
 
