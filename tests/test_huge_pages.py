@@ -46,3 +46,18 @@ def test_weight_tiles_are_on_huge_pages():
     tiles = Tiles.of(Q4Blocks(torch.randint(0, 256, (n, k // 32, 16), dtype=torch.uint8), torch.ones(n, k // 32, 2).half()))
     grown = _anon_huge_kb() - before
     assert grown >= 48 << 10, f"only {grown} KB of huge pages for {tiles.qs.numel() >> 10} KB of tiles"
+
+
+def test_an_arena_is_unmapped_with_the_last_tensor_in_it():
+    """Weights dropped (a model unloaded) give their memory back, the arena being filled included."""
+    import gc
+
+    tensors = [huge_pages.empty((1000,), torch.uint8), huge_pages.empty((10,), torch.float32)]
+    arena = huge_pages._arenas.current
+    assert arena is not None and arena() is not None
+    del tensors[0]
+    gc.collect()
+    assert arena() is not None  # the other still lives in it
+    tensors.clear()
+    gc.collect()
+    assert arena() is None

@@ -10,7 +10,7 @@ stream faster: the bundled model's batch-1 decode with `--quantization gguf` wen
 The weights are small matrices (a few hundred KB each), so they are placed one after another in
 arenas of 64 MiB, each one anonymous private map with MADV_HUGEPAGE. Only the pages written are
 resident, so the last arena's tail costs nothing; an arena is unmapped when the last tensor in it
-is freed.
+is freed (the module holds the one being filled only weakly).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import mmap
 import threading
+import weakref
 
 import torch
 
@@ -28,31 +29,37 @@ _ALIGN = 64  # a cache line
 class _Arenas:
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.current: torch.Tensor | None = None  # uint8 view of the arena being filled
+        # the map being filled, held weakly: each tensor placed in it holds it (torch.frombuffer),
+        # so it is unmapped with the last of them
+        self.current: weakref.ref[mmap.mmap] | None = None
         self.used = 0
 
     def take(self, nbytes: int) -> torch.Tensor:
+        """nbytes (> 0) of the current arena as a uint8 tensor, or of a new one where they do not fit."""
         with self.lock:
-            if self.current is None or self.used + nbytes > self.current.numel():
-                self.current, self.used = _mapped(max(nbytes, _ARENA_BYTES)), 0
+            arena = self.current() if self.current is not None else None
+            if arena is None or self.used + nbytes > len(arena):
+                arena, self.used = _mapped(max(nbytes, _ARENA_BYTES)), 0
+                self.current = weakref.ref(arena)
             start, self.used = self.used, -(-(self.used + nbytes) // _ALIGN) * _ALIGN
-            return self.current[start : start + nbytes]
+            return torch.frombuffer(arena, dtype=torch.uint8, count=nbytes, offset=start)
 
 
-def _mapped(nbytes: int) -> torch.Tensor:
-    if not hasattr(mmap, "MADV_HUGEPAGE"):  # not Linux: ordinary memory
-        return torch.empty(nbytes, dtype=torch.uint8)
+def _mapped(nbytes: int) -> mmap.mmap:
     buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     buf.madvise(mmap.MADV_HUGEPAGE)
-    return torch.frombuffer(buf, dtype=torch.uint8)
+    return buf
 
 
 _arenas = _Arenas()
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised contiguous CPU tensor in huge-page memory."""
+    """An uninitialised contiguous CPU tensor in huge-page memory (ordinary memory where the OS
+    has no MADV_HUGEPAGE, i.e. is not Linux)."""
     nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    if nbytes == 0 or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(shape, dtype=dtype)
     return _arenas.take(nbytes).view(dtype).view(shape)
 
 

@@ -1065,7 +1065,8 @@ int decode_layers(const DecoderLayer *layers, int64_t num_layers, float *x, floa
                 const float *qt = qkv + b * width + g0 * group * dim;
                 float *ot = attn + (b * heads + g0 * group) * dim, *sc = scratches + tid * scratch;
                 const int64_t b2 = (task + team.threads) / split; /* likely this thread's next */
-                const Then then = {block_tables + b2 * table_stride, 0, b2 < B ? seq_lens[b2] : 0};
+                Then then = {NULL, 0, 0};
+                if (b2 < B) then = (Then){block_tables + b2 * table_stride, 0, seq_lens[b2]};
                 attend_ct(qt, width, 1, seq_lens[b], 0, group, dim, L->k_cache, L->v_cache, block_tables + b * table_stride,
                           kv_heads, g0, g0 + per_task, block_size, scale, ot, heads * dim, sc, b2 < B ? &then : NULL,
                           cache_type);
