@@ -46,6 +46,8 @@ _VARIABLES: dict[str, Callable[[], Any]] = {
     "PAGEDLLM_CPU_PACKED_LINEAR": lambda: os.environ.get("PAGEDLLM_CPU_PACKED_LINEAR", "1") != "0",
     # tensor-parallel workers write a torch.profiler trace of steps PAGEDLLM_PROFILE_STEPS here (executor/step_trace.py)
     "PAGEDLLM_TORCH_PROFILER_DIR": lambda: os.environ.get("PAGEDLLM_TORCH_PROFILER_DIR"),
+    # tensor-parallel workers time steps PAGEDLLM_PROFILE_STEPS with CUDA events, no profiler, and write them here
+    "PAGEDLLM_STEP_GAPS_DIR": lambda: os.environ.get("PAGEDLLM_STEP_GAPS_DIR"),
     "PAGEDLLM_PROFILE_STEPS": lambda: os.environ.get("PAGEDLLM_PROFILE_STEPS", "100:140"),
     # "0": quantized CPU layers use torch's int4 kernel instead of pagedllm's compiled ones (layers/cpu_kernels.py)
     "PAGEDLLM_CPU_KERNELS": lambda: os.environ.get("PAGEDLLM_CPU_KERNELS", "1") != "0",

@@ -3,10 +3,12 @@ a layer boundary costs each way. One process per GPU.
 
     PYTHONPATH=. OUT=/tmp/out python scripts/gpu_all_reduce_norm_check.py
 
-For (tokens, 4096) bf16 at 1, 64 and 256 tokens, a chain of 64 boundaries as a decode step has
-(each boundary's output feeds the next one's input and residual, so a rank that read a peer's
-buffer too early or too late would corrupt the chain):
-  unfused  symmetric-memory all-reduce (torch's one-shot), then layers/triton_ops.rms_norm
+For (tokens, 4096) bf16 at 8192, 2048, 256, 64 and 1 tokens (the largest first: the first call
+sizes the inboxes), a chain of 64 boundaries as a step has (each boundary's output feeds the
+next one's input and residual, so a rank that read a peer's buffer too early or too late would
+corrupt the chain):
+  unfused  the all-reduce the model would take (TensorParallelGroup.all_reduce: torch's one-shot
+           over symmetric memory up to 2 MB, NCCL above), then layers/triton_ops.rms_norm
   fused    SymmetricAllReduce.add_rms_norm, halves alternating as the model links them
 Checked: the fused outputs equal the unfused ones bit for bit, eagerly and over 50 replays of a
 CUDA graph with fresh inputs each time, and both ranks hold the same residual stream. Timed:
@@ -33,7 +35,7 @@ def _chain(step, partials: list[torch.Tensor], residual: torch.Tensor) -> torch.
     """BOUNDARIES boundaries: boundary i sums partials[i] scaled by the previous output."""
     out = None
     for i, partial in enumerate(partials):
-        x = partial if out is None else partial * out  # a fresh input that depends on the last boundary
+        x = partial.clone() if out is None else partial * out  # fresh (NCCL sums in place), and dependent on the last boundary
         out, residual = step(x, residual, i % 2)
     return torch.cat([out, residual])
 
@@ -64,7 +66,10 @@ def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
     weight = (1 + 0.1 * torch.randn(HIDDEN, generator=torch.Generator("cuda").manual_seed(1), device="cuda")).bfloat16()
 
     def unfused(x, residual, half):
-        return triton_ops.rms_norm(small(x), weight, EPS, residual)
+        if small.fits(x):
+            return triton_ops.rms_norm(small(x), weight, EPS, residual)
+        dist.all_reduce(x)
+        return triton_ops.rms_norm(x, weight, EPS, residual)
 
     def fused(x, residual, half):
         result = small.add_rms_norm(x, residual, weight, EPS, half)
@@ -72,7 +77,7 @@ def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
         return result
 
     rows = []
-    for tokens in (1, 64, 256):
+    for tokens in (8192, 2048, 256, 64, 1):
         gen = torch.Generator("cuda").manual_seed(100 + rank)  # each rank its own partial sums
         partials = [torch.randn(tokens, HIDDEN, generator=gen, device="cuda").bfloat16() for _ in range(BOUNDARIES)]
         residual = torch.randn(tokens, HIDDEN, generator=torch.Generator("cuda").manual_seed(7), device="cuda").bfloat16()

@@ -3,8 +3,8 @@ then data parallelism through the server. JSON lines under $OUT (or --out).
 
     PYTHONPATH=. OUT=/tmp/out python scripts/gpu_tp_bench.py [--skip equal8b,bench,dp] [--quick]
 
-1. equal-small: TP=2 vs TP=1 greedy on a small random Llama (GQA 16:8), fp32: tokens equal,
-   logprobs within 1e-3.
+1. equal-small: TP=2 (--split N: TP=N, on an N-GPU machine) vs TP=1 greedy on a small random
+   Llama (GQA 16:8), fp32: tokens equal, logprobs within 1e-3.
 2. equal-8b: the same on a random-weight checkpoint of the Llama-3.1-8B shape, bf16, under
    vLLM's check_logprobs_close rule (tokens equal until a first difference where each side's
    token is among the other's top-5; then they may diverge). The checkpoint (16 GB) is written
@@ -131,20 +131,20 @@ def compare(split: list[dict], single: list[dict], exact: bool) -> tuple[bool, l
     return ok, report
 
 
-def check_equal(name: str, dtype: str, workdir: str, out_dir: str, num_layers: int | None) -> bool:
+def check_equal(name: str, dtype: str, workdir: str, out_dir: str, num_layers: int | None, split: int = 2) -> bool:
     folder = os.path.join(workdir, f"tp-{name}-{num_layers or 'all'}")
     _python("-c", f"import sys; sys.path.insert(0, {os.path.join(ROOT, 'scripts')!r}); import gpu_tp_bench as b; "
                   f"b.write_llama_checkpoint({name!r}, {folder!r}, {num_layers!r})")
     results = {}
-    for tp in (1, 2):
+    for tp in (1, split):
         path = os.path.join(workdir, f"{name}-tp{tp}.json")
         _python(os.path.abspath(__file__), "generate", "--folder", folder, "--tp", str(tp), "--dtype", dtype, "--result", path)
         with open(path) as f:
             results[tp] = json.load(f)
-    ok, report = compare(results[2], results[1], exact=dtype == "float32")
-    line = {"check": f"tp2_vs_tp1_{name}", "dtype": dtype, "layers": num_layers, "pass": ok, "prompts": report}
+    ok, report = compare(results[split], results[1], exact=dtype == "float32")
+    line = {"check": f"tp{split}_vs_tp1_{name}", "dtype": dtype, "layers": num_layers, "pass": ok, "prompts": report}
     _write(out_dir, "tp_equal.jsonl", line)
-    print(f"{'PASS' if ok else 'FAIL'} TP=2 vs TP=1, {name} {dtype}: " + ", ".join(f"{r['equal_tokens']}/{r['of']}" for r in report), flush=True)
+    print(f"{'PASS' if ok else 'FAIL'} TP={split} vs TP=1, {name} {dtype}: " + ", ".join(f"{r['equal_tokens']}/{r['of']}" for r in report), flush=True)
     return ok
 
 
@@ -233,6 +233,7 @@ def main() -> int:
     parser.add_argument("--workdir", default=None, help="checkpoints and scratch files (default: a new temporary folder)")
     parser.add_argument("--skip", default="", help="comma-separated steps to skip: equal-small, equal-8b, bench, dp")
     parser.add_argument("--quick", action="store_true", help="fewer layers and requests: a smoke test of the script")
+    parser.add_argument("--split", type=int, default=2, help="equal-small, equal-8b: the TP size compared with TP=1 (default: 2)")
     parser.add_argument("--vllm-site", default=None,
                         help="bench: vLLM 0.26.0 unpacked here (scripts/gpu_vllm_parts.sh) runs beside TP=1 and TP=2")
     parser.add_argument("--folder"), parser.add_argument("--tp", type=int), parser.add_argument("--dtype")
@@ -246,8 +247,8 @@ def main() -> int:
     skip = set(filter(None, opts.skip.split(",")))
     ok = True
     steps = [
-        ("equal-small", lambda: check_equal("small", "float32", workdir, opts.out, None)),
-        ("equal-8b", lambda: check_equal("llama-8b", "bfloat16", workdir, opts.out, 4 if opts.quick else None)),
+        ("equal-small", lambda: check_equal("small", "float32", workdir, opts.out, None, opts.split)),
+        ("equal-8b", lambda: check_equal("llama-8b", "bfloat16", workdir, opts.out, 4 if opts.quick else None, opts.split)),
         ("bench", lambda: bench_tp(opts.out, opts.quick, opts.vllm_site)),
         ("dp", lambda: bench_dp(opts.out, workdir, opts.quick)),
     ]

@@ -2,11 +2,11 @@
 wiring (layers/all_reduce_norm.py), on CPU.
 
 The kernel runs through Triton's interpreter as one rank of a group whose peers have already
-done their part: their partial sums sit in their buffers and their signals in this rank's pad,
-so its barrier passes without them. Its outputs must equal the unfused path -- the sum over the
-ranks rounded to the dtype, then layers/triton_ops.rms_norm with the residual -- exactly, and
-it must leave its own copy in its buffer, its pad words consumed (0) and one signal (1) in each
-peer's pad per program. scripts/gpu_tp_check.py runs it for real between two GPUs.
+done their part: their partial sums sit in this rank's inbox, the rest of it is marked empty, so
+it reads them without waiting. Its outputs must equal the unfused path -- the sum over the ranks
+rounded to the dtype, then layers/triton_ops.rms_norm with the residual -- exactly; it must
+leave its own rows in each peer's inbox (-0.0 sent as +0.0) and its own inbox empty again.
+scripts/gpu_all_reduce_norm_check.py runs it for real between two GPUs.
 """
 
 import os
@@ -20,45 +20,52 @@ from transformers import LlamaConfig
 pytest.importorskip("triton")
 
 from pagedllm.distributed import TensorParallelGroup, building_for  # noqa: E402
-from pagedllm.distributed.triton_all_reduce_norm import all_reduce_add_rms_norm  # noqa: E402
+from pagedllm.distributed.triton_all_reduce_norm import LARGE, all_reduce_add_rms_norm, mark_empty  # noqa: E402
 from pagedllm.layers import triton_ops  # noqa: E402
 from pagedllm.layers.all_reduce_norm import DeferredAllReduce, defer_all_reduces  # noqa: E402
 from pagedllm.layers.linear import RowParallelLinear  # noqa: E402
 from pagedllm.models.llama import LlamaModel  # noqa: E402
 
-PAD_WORDS = 64
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(("world", "rank"), [(2, 0), (2, 1), (3, 1)])
-@pytest.mark.parametrize(("rows", "hidden", "programs"), [(1, 96, 4), (5, 576, 4), (7, 100, 3)])
+@pytest.mark.parametrize(("rows", "hidden", "programs"), [(1, 96, 4), (5, 576, 4), (7, 100, 3), (LARGE + 7, 40, 5)])
 def test_kernel_matches_the_unfused_path(dtype, world, rank, rows, hidden, programs):
     gen = torch.Generator().manual_seed(rows * 1000 + hidden + rank)
     partials = [torch.randn(rows, hidden, generator=gen).to(dtype) for _ in range(world)]
+    partials[rank][0, :3] = torch.tensor([-0.0, 0.0, -0.0])  # zeros of either sign, sent as +0.0
     residual = torch.randn(rows, hidden, generator=gen).to(dtype)
     weight = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype)
-    buffers = [torch.zeros(rows * hidden, dtype=dtype) for _ in range(world)]
-    pads = [torch.zeros(PAD_WORDS, dtype=torch.int32) for _ in range(world)]
-    used = min(rows, programs)
+    size = rows * hidden + 5  # slots are longer than a call's rows
+
+    def empty_slot() -> torch.Tensor:
+        slot = torch.empty(size, dtype=dtype)
+        mark_empty(slot)
+        return slot
+
+    sends = [empty_slot() for _ in range(world)]  # this rank's slot in each peer's inbox
+    inbox = [empty_slot() for _ in range(world)]  # each peer's slot in this rank's
     for peer in range(world):
         if peer != rank:
-            buffers[peer].copy_(partials[peer].flatten())
-            for p in range(used):
-                pads[rank][p * world + peer] = 1  # the peer's signal to this rank's program p
+            inbox[peer][: rows * hidden] = partials[peer].flatten()
 
-    out, res_out = all_reduce_add_rms_norm(partials[rank], residual, weight, 1e-5, tuple(buffers), tuple(pads), rank, programs)
+    out, res_out = all_reduce_add_rms_norm(partials[rank], residual, weight, 1e-5, tuple(sends), tuple(inbox), rank, programs)
 
     summed = sum(p.float() for p in partials).to(dtype)  # the unfused all-reduce's result
     want_out, want_res = triton_ops.rms_norm(summed, weight, 1e-5, residual)
     assert torch.equal(res_out, want_res)
     assert torch.equal(out, want_out)
-    assert torch.equal(buffers[rank].view(rows, hidden), partials[rank])
-    assert not pads[rank].any(), "every signal this rank got is consumed"
+    sent = partials[rank].flatten() + 0.0  # -0.0 + 0.0 = +0.0
     for peer in range(world):
         if peer != rank:
-            sent = torch.zeros(PAD_WORDS, dtype=torch.int32)
-            sent[[p * world + rank for p in range(used)]] = 1
-            assert torch.equal(pads[peer], sent), f"one signal per program in rank {peer}'s pad"
+            assert _bits(sends[peer][: rows * hidden]).equal(_bits(sent)), f"this rank's rows in rank {peer}'s inbox"
+            assert _bits(inbox[peer]).equal(_bits(empty_slot())), f"rank {peer}'s slot read and marked empty again"
+            assert _bits(sends[peer][rows * hidden :]).equal(_bits(empty_slot()[rows * hidden :])), "nothing past the rows"
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
 def _llama(world_size: int, bias: bool = False) -> LlamaModel:

@@ -8,13 +8,16 @@ latency, not bandwidth, is the cost. Measured on 2x H200 inside a CUDA graph
 2 MB 33.5 vs 19.0. Larger tensors (prefill chunks) stay on NCCL.
 
 `add_rms_norm` is the same all-reduce fused with the residual add and RMSNorm that follow it
-(triton_all_reduce_norm.py): its own allocation, two halves of MAX_BYTES (the caller alternates
-them, which is what lets that kernel wait at one barrier instead of two), and its signal pads.
+(triton_all_reduce_norm.py), for prefill chunks too: every peer pushes its partial sum into
+this rank's inbox, of which each rank has two (the caller alternates them, which is what lets a
+rank reuse one without waiting for its peers), each with a slot per peer as large as the first
+call's tensor (at least MAX_BYTES, at most MAX_SLOT_BYTES and MAX_INBOX_BYTES in all; a larger
+tensor takes NCCL).
 
-The buffer of a dtype is allocated and exchanged (a collective) at its first all-reduce, which is
-the memory-profiling forward pass, run eagerly on every rank in the same order; an all-reduce
-that would need a new buffer while a CUDA graph is being captured goes to NCCL instead (every
-rank captures the same graph, so they agree).
+A buffer of a dtype is allocated and exchanged (a collective) at its first call, which is the
+memory-profiling forward pass of the largest batch, run eagerly on every rank in the same order
+(so the KV cache is sized around it); a call that would need a new buffer while a CUDA graph is
+being captured goes to NCCL instead (every rank captures the same graph, so they agree).
 """
 
 from __future__ import annotations
@@ -30,27 +33,35 @@ from pagedllm import envs
 logger = logging.getLogger("pagedllm")
 
 MAX_BYTES = 2 << 20  # 256 tokens of a 4096-wide bf16 hidden state
-# Programs of the fused kernel: each barriers with its twin on every peer, so all of them must be
-# resident at once (well under an H100's 132 SMs); more rows than this share programs.
+# The fused kernel's inboxes, a slot per peer and half: at most 64 MiB a slot (8192 tokens of that
+# hidden state) and 256 MiB in all a GPU (TP=2: 128 MiB; TP=8: 18 MiB slots, 2304 such tokens).
+MAX_SLOT_BYTES = 64 << 20
+MAX_INBOX_BYTES = 256 << 20
+# Programs of the fused kernel: each waits for rows that its twin on every peer pushes, so all of
+# them must be resident at once. A decode batch takes 64 (well under an H100's 132 SMs); a prefill
+# chunk one per SM (the kernel takes a whole SM's threads, so one fits on each).
 MAX_PROGRAMS = 64
 
 
 @dataclass(frozen=True)
-class _NormBuffers:
-    """The fused kernel's symmetric memory for one dtype: every rank's buffer, by half."""
+class _Inboxes:
+    """The fused kernel's symmetric memory for one dtype. Each rank's allocation holds two
+    inboxes (halves), each a slot per peer: [half][peer][element], peers in rank order."""
 
     allocation: torch.Tensor  # keeps the memory alive
-    halves: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]  # [half][rank], MAX_BYTES each
-    pads: tuple[torch.Tensor, ...]  # every rank's signal pad, int32
+    sends: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]  # [half][peer]: this rank's slot in its inbox
+    inbox: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]  # [half][sender]: the sender's slot here
     rank: int
-    num_programs: int
+    slot_numel: int
+    num_sms: int
 
 
 class SymmetricAllReduce:
     def __init__(self, group: dist.ProcessGroup) -> None:
         self.group_name = group.group_name
+        self.world_size = group.size()
         self.buffers: dict[torch.dtype, torch.Tensor] = {}
-        self.norm_buffers: dict[torch.dtype, _NormBuffers] = {}
+        self.inboxes: dict[torch.dtype, _Inboxes] = {}
 
     @classmethod
     def create(cls, group: dist.ProcessGroup) -> SymmetricAllReduce | None:
@@ -85,27 +96,44 @@ class SymmetricAllReduce:
         None where it does not run here (too large, not (tokens, hidden) rows, or the buffers
         would be made during a graph capture): then sum x another way. half: 0 or 1, alternating
         between consecutive calls (the caller's contract, triton_all_reduce_norm.py)."""
-        if (x.dim() != 2 or x.numel() * x.element_size() > MAX_BYTES or not x.is_contiguous() or residual is None
-                or residual.shape != x.shape or not residual.is_contiguous()):  # fmt: skip
+        if (x.dim() != 2 or not x.is_contiguous() or residual is None or residual.shape != x.shape
+                or not residual.is_contiguous()):  # fmt: skip
             return None
-        buffers = self.norm_buffers.get(x.dtype)
-        if buffers is None:
+        inboxes = self.inboxes.get(x.dtype)
+        if inboxes is None:
             if torch.cuda.is_current_stream_capturing():
                 return None
-            buffers = self.norm_buffers[x.dtype] = self._norm_buffers(x.dtype, x.device)
-        from pagedllm.distributed.triton_all_reduce_norm import all_reduce_add_rms_norm
+            inboxes = self.inboxes[x.dtype] = self._inboxes(x.dtype, x.device, x.numel())
+        if x.numel() > inboxes.slot_numel:
+            return None
+        from pagedllm.distributed.triton_all_reduce_norm import LARGE, all_reduce_add_rms_norm
 
-        return all_reduce_add_rms_norm(x, residual, weight, eps, buffers.halves[half], buffers.pads, buffers.rank,
-                                       buffers.num_programs)
+        programs = MAX_PROGRAMS if x.shape[0] <= LARGE else inboxes.num_sms
+        return all_reduce_add_rms_norm(x, residual, weight, eps, inboxes.sends[half], inboxes.inbox[half], inboxes.rank,
+                                       programs)
 
-    def _norm_buffers(self, dtype: torch.dtype, device: torch.device) -> _NormBuffers:
+    def _inboxes(self, dtype: torch.dtype, device: torch.device, numel: int) -> _Inboxes:
         import torch.distributed._symmetric_memory as symm_mem
 
-        numel = MAX_BYTES // dtype.itemsize
-        allocation = symm_mem.empty(2 * numel, dtype=dtype, device=device)
+        from pagedllm.distributed.triton_all_reduce_norm import mark_empty
+
+        peers = self.world_size - 1
+        most = min(MAX_SLOT_BYTES, MAX_INBOX_BYTES // (2 * peers)) // dtype.itemsize
+        numel = min(max(numel, MAX_BYTES // dtype.itemsize), most)  # the same on every rank
+        allocation = symm_mem.empty(2 * peers * numel, dtype=dtype, device=device)
+        mark_empty(allocation)
+        torch.cuda.synchronize()  # empty before any peer can write into it (after the rendezvous)
         handle = symm_mem.rendezvous(allocation, self.group_name)
-        ranks = range(handle.world_size)
-        halves = tuple(tuple(handle.get_buffer(r, (numel,), dtype, h * numel) for r in ranks) for h in (0, 1))
-        pads = tuple(handle.get_signal_pad(r, dtype=torch.int32) for r in ranks)
-        num_programs = min(MAX_PROGRAMS, pads[0].numel() // handle.world_size)
-        return _NormBuffers(allocation, halves, pads, handle.rank, num_programs)
+        rank, ranks = handle.rank, range(self.world_size)
+
+        def slot(owner: int, half: int, sender: int) -> torch.Tensor:
+            if owner == sender:  # no slot: the kernel never touches it
+                return allocation[:1]
+            peer_index = sender if sender < owner else sender - 1
+            return handle.get_buffer(owner, (numel,), dtype, (half * peers + peer_index) * numel)
+
+        sends = tuple(tuple(slot(peer, h, rank) for peer in ranks) for h in (0, 1))
+        inbox = tuple(tuple(slot(rank, h, sender) for sender in ranks) for h in (0, 1))
+        logger.debug("fused all-reduce + norm: inboxes of %d MiB (%s)", allocation.nbytes >> 20, dtype)
+        num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return _Inboxes(allocation, sends, inbox, rank, numel, num_sms)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -13,7 +14,7 @@ import torch
 from pagedllm.config import EngineArgs
 from pagedllm.core.interface import ModelRunnerOutput, SchedulerOutput
 from pagedllm.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel
-from pagedllm.executor.step_trace import FINISH_LABEL, LAUNCH_LABEL, StepTrace
+from pagedllm.executor.step_trace import FINISH_LABEL, LAUNCH_LABEL, StepGaps, StepTrace
 from pagedllm.loader.model_loader import load_model
 from pagedllm.worker.model_runner import ModelRunner, PendingStep
 
@@ -50,6 +51,7 @@ class Worker:
         self.tp = init_tensor_parallel(spec.rank, spec.world_size, spec.store_host, spec.store_port, device)
         self.runner = ModelRunner(load_model(args, self.tp), args, spec.max_num_batched_tokens, self.tp)
         self.trace = StepTrace.from_env(spec.rank)
+        self.gaps = StepGaps.from_env(spec.rank)
 
     @property
     def num_blocks(self) -> int:
@@ -64,14 +66,22 @@ class Worker:
         before this one is finished (its sampled ids are fed to it on the device)."""
         if self.trace is not None:
             self.trace.on_launch()
+        if self.gaps is not None:
+            self.gaps.launch_begins()
         with self._span(LAUNCH_LABEL):
             self.runner.execute_model(scheduler_output)
-            return self.runner.sample_tokens(grammar_bitmask)
+            step = self.runner.sample_tokens(grammar_bitmask)
+        if self.gaps is not None:
+            self.gaps.launch_ends(step)
+        return step
 
     def finish(self, step: PendingStep) -> ModelRunnerOutput | None:
         """Wait for a launched step (every rank: its requests' states advance); rank 0's output."""
+        start = time.perf_counter()
         with self._span(FINISH_LABEL):
             output = step.result()
+        if self.gaps is not None:
+            self.gaps.waited(step, time.perf_counter() - start)
         return output if self.rank == 0 else None
 
     def shutdown(self) -> None:

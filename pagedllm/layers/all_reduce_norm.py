@@ -6,9 +6,9 @@ its residual add in one kernel on GPUs with symmetric memory (distributed/triton
 
 A model links each (RowParallelLinear, RMSNorm) pair in data-flow order once its layers are
 final (quantization swaps some linears for twins that reduce themselves, so it is done at the
-first forward, not at construction). Where the kernel cannot run (CPU/gloo, tensors over
-symmetric_all_reduce.MAX_BYTES, no peer access) the norm all-reduces first and the numbers are
-the unfused path's. PAGEDLLM_FUSED_ALL_REDUCE_NORM=0 links nothing: the unfused path exactly.
+first forward, not at construction). Where the kernel cannot run (CPU/gloo, no peer access, a
+tensor larger than the first call's, which sized the buffers) the norm all-reduces first and the
+numbers are the unfused path's. PAGEDLLM_FUSED_ALL_REDUCE_NORM=0 links nothing: the unfused path exactly.
 """
 
 from __future__ import annotations
