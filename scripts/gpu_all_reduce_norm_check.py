@@ -58,6 +58,7 @@ def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
+    from pagedllm.distributed import TensorParallelGroup
     from pagedllm.distributed.symmetric_all_reduce import SymmetricAllReduce
     from pagedllm.layers import triton_ops
 
@@ -65,11 +66,10 @@ def _rank(rank: int, world: int, port: int, out_dir: str) -> None:
     assert small is not None, "symmetric memory unavailable"
     weight = (1 + 0.1 * torch.randn(HIDDEN, generator=torch.Generator("cuda").manual_seed(1), device="cuda")).bfloat16()
 
+    tp = TensorParallelGroup(rank, world, dist.group.WORLD, small)
+
     def unfused(x, residual, half):
-        if small.fits(x):
-            return triton_ops.rms_norm(small(x), weight, EPS, residual)
-        dist.all_reduce(x)
-        return triton_ops.rms_norm(x, weight, EPS, residual)
+        return triton_ops.rms_norm(tp.all_reduce(x), weight, EPS, residual)
 
     def fused(x, residual, half):
         result = small.add_rms_norm(x, residual, weight, EPS, half)

@@ -20,12 +20,11 @@ from transformers import LlamaConfig
 pytest.importorskip("triton")
 
 from pagedllm.distributed import TensorParallelGroup, building_for  # noqa: E402
-from pagedllm.distributed.triton_all_reduce_norm import LARGE, all_reduce_add_rms_norm, mark_empty  # noqa: E402
+from pagedllm.distributed.triton_all_reduce_norm import LARGE, all_reduce_add_rms_norm, as_bits, mark_empty  # noqa: E402
 from pagedllm.layers import triton_ops  # noqa: E402
 from pagedllm.layers.all_reduce_norm import DeferredAllReduce, defer_all_reduces  # noqa: E402
 from pagedllm.layers.linear import RowParallelLinear  # noqa: E402
 from pagedllm.models.llama import LlamaModel  # noqa: E402
-
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -59,13 +58,9 @@ def test_kernel_matches_the_unfused_path(dtype, world, rank, rows, hidden, progr
     sent = partials[rank].flatten() + 0.0  # -0.0 + 0.0 = +0.0
     for peer in range(world):
         if peer != rank:
-            assert _bits(sends[peer][: rows * hidden]).equal(_bits(sent)), f"this rank's rows in rank {peer}'s inbox"
-            assert _bits(inbox[peer]).equal(_bits(empty_slot())), f"rank {peer}'s slot read and marked empty again"
-            assert _bits(sends[peer][rows * hidden :]).equal(_bits(empty_slot()[rows * hidden :])), "nothing past the rows"
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+            assert as_bits(sends[peer][: rows * hidden]).equal(as_bits(sent)), f"this rank's rows in rank {peer}'s inbox"
+            assert as_bits(inbox[peer]).equal(as_bits(empty_slot())), f"rank {peer}'s slot read and marked empty again"
+            assert as_bits(sends[peer][rows * hidden :]).equal(as_bits(empty_slot()[rows * hidden :])), "nothing past the rows"
 
 
 def _llama(world_size: int, bias: bool = False) -> LlamaModel:

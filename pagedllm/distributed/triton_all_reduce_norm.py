@@ -55,10 +55,14 @@ LARGE = 256  # rows (a decode batch) above which a program takes ROWS_LARGE rows
 ROWS_LARGE = 4
 
 
+def as_bits(t: torch.Tensor) -> torch.Tensor:
+    """t's elements as signed integers of the same size (the bits the kernel compares)."""
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
 def mark_empty(inbox: torch.Tensor) -> None:
     """Fill inbox memory with the empty mark (-0.0) of its dtype."""
-    bits = EMPTY_BITS[inbox.element_size()]
-    inbox.view({2: torch.int16, 4: torch.int32}[inbox.element_size()]).fill_(bits)
+    as_bits(inbox).fill_(EMPTY_BITS[inbox.element_size()])
 
 
 @triton.jit

@@ -10,11 +10,10 @@ can split the GPU's busy time by step. The profiler slows the host, so a host-bo
 worse under it than it is.
 
 StepGaps: no profiler, two CUDA events a step, in the workers and (as rank 0) in the engine core
-of one rank. Each rank writes rank<r>_gaps.json: per step the
-device's span from the step's first queued work to its last, the device's idle time before the
-step (waiting for the host to queue it: the host set the pace), the host's time to queue it,
-its wait for the step to finish, and the time from that finish to the next step's arrival (the
-driver's turn and the pipes).
+of one rank. Each rank writes rank<r>_gaps.json: per step the device's span from the step's
+first queued work to its last, the device's idle time before the step (waiting for the host to
+queue it: the host set the pace), the host's time to queue it, its wait for the step to finish,
+and the time from that finish to the next step's arrival (the driver's turn and the pipes).
 """
 
 from __future__ import annotations
@@ -35,6 +34,13 @@ LAUNCH_LABEL = "pagedllm.worker.launch"
 FINISH_LABEL = "pagedllm.worker.finish"
 
 
+def _steps_to_record(folder: str) -> tuple[int, int]:
+    """(first, stop) of PAGEDLLM_PROFILE_STEPS, once `folder`, where the files go, exists."""
+    os.makedirs(folder, exist_ok=True)
+    first, stop = (int(x) for x in envs.PAGEDLLM_PROFILE_STEPS.split(":"))
+    return first, stop
+
+
 class StepTrace:
     def __init__(self, folder: str, rank: int, first: int, stop: int) -> None:
         self.path = os.path.join(folder, f"rank{rank}.json")
@@ -47,9 +53,7 @@ class StepTrace:
         folder = envs.PAGEDLLM_TORCH_PROFILER_DIR
         if not folder:
             return None
-        first, stop = (int(x) for x in envs.PAGEDLLM_PROFILE_STEPS.split(":"))
-        os.makedirs(folder, exist_ok=True)
-        return cls(folder, rank, first, stop)
+        return cls(folder, rank, *_steps_to_record(folder))
 
     def on_launch(self) -> None:
         self.launches += 1
@@ -79,9 +83,7 @@ class StepGaps:
         folder = envs.PAGEDLLM_STEP_GAPS_DIR
         if not folder or not torch.cuda.is_available():
             return None
-        first, stop = (int(x) for x in envs.PAGEDLLM_PROFILE_STEPS.split(":"))
-        os.makedirs(folder, exist_ok=True)
-        return cls(folder, rank, first, stop)
+        return cls(folder, rank, *_steps_to_record(folder))
 
     @property
     def recording(self) -> bool:

@@ -77,7 +77,7 @@ class Worker:
 
     def finish(self, step: PendingStep) -> ModelRunnerOutput | None:
         """Wait for a launched step (every rank: its requests' states advance); rank 0's output."""
-        start = time.perf_counter()
+        start = time.perf_counter() if self.gaps is not None else 0.0
         with self._span(FINISH_LABEL):
             output = step.result()
         if self.gaps is not None:
