@@ -122,6 +122,13 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def argmax_only(self) -> bool:
+        """The next token is the argmax of the model's logits as they are: greedy, with no
+        logprobs and nothing that masks, biases or penalises them."""
+        return (self.greedy and self.logprobs is None and self.min_tokens == 0 and not self.logit_bias
+                and not self.needs_output_history and self.structured_outputs is None)
+
     def for_child(self, index: int) -> SamplingParams:
         """Params of completion `index` of an n > 1 request: one sequence, its own seed."""
         seed = None if self.seed is None else self.seed + index

@@ -7,7 +7,9 @@ then data parallelism through the server. JSON lines under $OUT (or --out).
    Llama (GQA 16:8), fp32: tokens equal, logprobs within 1e-3.
 2. equal-8b: the same on a random-weight checkpoint of the Llama-3.1-8B shape, bf16, under
    vLLM's check_logprobs_close rule (tokens equal until a first difference where each side's
-   token is among the other's top-5; then they may diverge). The checkpoint (16 GB) is written
+   token is among the other's top-5; then they may diverge). Both also check that at TP=N the greedy
+   tokens without logprobs (picked from the ranks' vocabulary ranges) are those with them (from the
+   full logits). The checkpoint (16 GB) is written
    once to --workdir.
 3. bench: `pagedllm bench all --model-config llama-8b --tensor-parallel-size 1|2` (TP=2 also with
    PAGEDLLM_FUSED_ALL_REDUCE_NORM=0); with --vllm-site, vLLM at the same TP size in the same process
@@ -97,7 +99,8 @@ def write_llama_checkpoint(name: str, folder: str, num_layers: int | None = None
 
 
 def generate(folder: str, tp: int, dtype: str, out: str) -> None:
-    """(In its own process.) Greedy tokens and top-5 logprobs of the fixed prompts, to `out`."""
+    """(In its own process.) Greedy tokens and top-5 logprobs of the fixed prompts, to `out`; and
+    the greedy tokens without logprobs (at TP > 1 picked from the ranks' vocabulary ranges)."""
     import torch
 
     from pagedllm import LLM, SamplingParams
@@ -107,9 +110,11 @@ def generate(folder: str, tp: int, dtype: str, out: str) -> None:
     llm = LLM(folder, tensor_parallel_size=tp, dtype=dtype, skip_tokenizer_init=True, gpu_memory_utilization=0.85,
               max_model_len=4096, max_num_seqs=16)
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=5, ignore_eos=True), use_tqdm=False)
+    plain = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True), use_tqdm=False)
     rows = [
-        {"tokens": o.outputs[0].token_ids, "logprobs": [{str(t): lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs]}
-        for o in outputs
+        {"tokens": o.outputs[0].token_ids, "logprobs": [{str(t): lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs],
+         "argmax_tokens": p.outputs[0].token_ids}
+        for o, p in zip(outputs, plain)
     ]
     llm.engine.core.shutdown()
     with open(out, "w") as f:
@@ -142,9 +147,13 @@ def check_equal(name: str, dtype: str, workdir: str, out_dir: str, num_layers: i
         with open(path) as f:
             results[tp] = json.load(f)
     ok, report = compare(results[split], results[1], exact=dtype == "float32")
-    line = {"check": f"tp{split}_vs_tp1_{name}", "dtype": dtype, "layers": num_layers, "pass": ok, "prompts": report}
+    same_engine = all(r["argmax_tokens"] == r["tokens"] for r in results[split])  # shards vs full logits
+    ok &= same_engine
+    line = {"check": f"tp{split}_vs_tp1_{name}", "dtype": dtype, "layers": num_layers, "pass": ok,
+            "argmax_from_shards_equal": same_engine, "prompts": report}
     _write(out_dir, "tp_equal.jsonl", line)
-    print(f"{'PASS' if ok else 'FAIL'} TP={split} vs TP=1, {name} {dtype}: " + ", ".join(f"{r['equal_tokens']}/{r['of']}" for r in report), flush=True)
+    print(f"{'PASS' if ok else 'FAIL'} TP={split} vs TP=1, {name} {dtype}: " + ", ".join(f"{r['equal_tokens']}/{r['of']}" for r in report)
+          + f"; TP={split} greedy from shards = from full logits: {same_engine}", flush=True)
     return ok
 
 

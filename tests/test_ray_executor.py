@@ -16,7 +16,7 @@ import ray
 from model_utils import one_thread, tokenizer_dir  # noqa: F401 (fixtures)
 from server_utils import pid_alive
 from test_models import ENGINE, checkpoints, vocab  # noqa: F401 (fixtures)
-from test_tensor_parallel import GREEDY, PROMPTS, SEEDED, compare, run
+from test_tensor_parallel import ARGMAX, GREEDY, PROMPTS, SEEDED, compare, run
 
 from pagedllm import LLM, SamplingParams
 
@@ -52,7 +52,7 @@ def wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
 def test_two_ray_actors_match_one_rank(ray_llm, checkpoints):
     pids = actor_pids(ray_llm)
     assert len(set(pids)) == 2 and os.getpid() not in pids  # one process per rank, none of them this one
-    split = [ray_llm.generate(PROMPTS, p, use_tqdm=False) for p in (GREEDY, SEEDED)]
+    split = [ray_llm.generate(PROMPTS, p, use_tqdm=False) for p in (GREEDY, SEEDED, ARGMAX)]
     compare(run(checkpoints("llama"), 1), split)
 
 

@@ -29,6 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, logprobs=5, ignore_eos=True)
 SEEDED = SamplingParams(temperature=1.0, top_k=50, max_tokens=8, seed=1234, ignore_eos=True)
+ARGMAX = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)  # no logprobs: tokens from the ranks' ranges
 WORKER_NAME = "pagedllm-tp-worker-"
 
 
@@ -43,7 +44,7 @@ def check_close(split: CompletionOutput, single: CompletionOutput, atol: float =
         assert abs(split.logprobs[i][a].logprob - single.logprobs[i][b].logprob) < atol, f"step {i}"
 
 
-def run(folder: str | None, tensor_parallel_size: int, prompts=PROMPTS, params=(GREEDY, SEEDED), **options) -> list[list]:
+def run(folder: str | None, tensor_parallel_size: int, prompts=PROMPTS, params=(GREEDY, SEEDED, ARGMAX), **options) -> list[list]:
     """One engine: the outputs of each SamplingParams over the prompts; its workers stopped after."""
     options = {**ENGINE, **options} if folder is not None else options
     llm = LLM(folder, tensor_parallel_size=tensor_parallel_size, **options)
@@ -58,13 +59,16 @@ def worker_processes() -> list:
 
 
 def compare(single: list[list], split: list[list]) -> None:
-    greedy_single, seeded_single = single
-    greedy_split, seeded_split = split
+    greedy_single, seeded_single, _ = single
+    greedy_split, seeded_split, argmax_split = split
     for a, b in zip(greedy_split, greedy_single):
         check_close(a.outputs[0], b.outputs[0])
     # Seeded draws from (all but) the same logits: the same tokens. Every rank also kept them,
     # or the next step's inputs would differ between ranks and the outputs would not match.
     assert [o.outputs[0].token_ids for o in seeded_split] == [o.outputs[0].token_ids for o in seeded_single]
+    # Without logprobs, greedy steps pick from each rank's vocabulary range and never gather the
+    # logits: the tokens of the same engine's full logits.
+    assert [o.outputs[0].token_ids for o in argmax_split] == [o.outputs[0].token_ids for o in greedy_split]
 
 
 @pytest.mark.parametrize("case", CASES)

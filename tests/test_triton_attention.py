@@ -133,11 +133,18 @@ def test_split_k_decode(dtype):
                                  max_seq_len=4096, num_partitions=num_partitions, min_partition=min_partition,
                                  block_n=block_n)
         torch.testing.assert_close(got.float(), want, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+        # The last program of a sequence's partitions merges them and leaves the counts at zero:
+        # a second call (as the next layer's) gives the same bits.
+        again = torch.full_like(query, float("nan"))
+        kernels.decode_attention(again, query, k_cache, v_cache, meta.block_tables, meta.seq_lens, 0.125,
+                                 max_seq_len=4096, num_partitions=num_partitions, min_partition=min_partition,
+                                 block_n=block_n)
+        assert torch.equal(again, got)
 
 
 def test_decode_partitions_follow_batch_not_bound():
     """The grid does not grow with the graph's context bound, and a full GPU takes one partition
-    (no reduce kernel)."""
+    (nothing to merge)."""
     assert kernels.decode_num_partitions(1, 8, 131072) == kernels.decode_num_partitions(1, 8, 8192) == 64
     assert kernels.decode_num_partitions(64, 8, 131072) == 1
     assert kernels.decode_num_partitions(1, 8, 100) == 1  # eager: the step's real maximum

@@ -205,13 +205,14 @@ def _partitions(seq_len, num_partitions, BLOCK_N: tl.constexpr, MIN_PARTITION: t
 
 
 @triton.jit(do_not_specialize=["num_partitions", "stride_table"])
-def _decode_kernel(out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
+def _decode_kernel(out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr, arrivals_ptr,
                    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, qk_scale, num_partitions,
                    stride_q_tok, stride_q_head, stride_o_tok, stride_o_head, stride_table,
                    stride_block, stride_slot, stride_head,
-                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                   GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, GROUP_P2: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                   MIN_PARTITION: tl.constexpr, DOT_PRECISION: tl.constexpr, window=0, SLIDING: tl.constexpr = False):
+                   MIN_PARTITION: tl.constexpr, MERGE_CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   window=0, SLIDING: tl.constexpr = False):
     """Grid (num_decodes, num_kv_heads, num_partitions): one query token per sequence.
 
     Split-K: each sequence's context is cut into up to num_partitions pieces of equal
@@ -225,9 +226,11 @@ def _decode_kernel(out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
     at once. The host picks num_partitions from the batch and an upper bound of seq_len only
     (fixed grid for CUDA graphs, whatever the bound: a graph captured at max_model_len 131072
     runs the same grid as one at 2048; a run-time value, so no recompilation). A sequence
-    that uses several partitions stores each one's (max, sum, unnormalised acc) per head for
-    _decode_reduce_kernel; one that uses a single partition (or is a seq_len-0 padding
-    sequence) is normalised and written here, and the reduce kernel skips it.
+    that uses a single partition (or is a seq_len-0 padding sequence) is normalised and
+    written at once. With several, each program stores its (max, sum, unnormalised acc) per
+    head and counts itself in arrivals[seq, kv_head]; the last to arrive merges the
+    partitions in partition order (the same sum whatever order they ran in), writes the
+    output and sets the count back to zero for the next call: no second kernel.
     """
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -268,48 +271,48 @@ def _decode_kernel(out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
         tl.store(part_max_ptr + part_idx, m_i, mask=head_valid)
         tl.store(part_sum_ptr + part_idx, l_i, mask=head_valid)
         tl.store(part_acc_ptr + part_idx[:, None] * HEAD_DIM_PAD + dims[None, :], acc, mask=head_valid[:, None])
+        tl.debug_barrier()  # every thread's partials are stored before the count says so
+        arrivals = arrivals_ptr + seq * tl.num_programs(1) + kv_head
+        if tl.atomic_add(arrivals, 1, sem="acq_rel", scope="gpu") == seq_parts - 1:
+            heads = kv_head * GROUP + tl.arange(0, GROUP_P2)
+            valid = tl.arange(0, GROUP_P2) < GROUP
+            out = _merge_partitions(part_max_ptr, part_sum_ptr, part_acc_ptr, seq, heads, valid, seq_parts,
+                                    GROUP * tl.num_programs(1), num_partitions, HEAD_DIM_PAD, MERGE_CHUNK)
+            tl.store(out_ptr + seq * stride_o_tok + heads[:, None] * stride_o_head + dims[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=valid[:, None] & (dims[None, :] < HEAD_DIM))
+            tl.atomic_xchg(arrivals, 0)
 
 
-@triton.jit(do_not_specialize=["num_partitions"])
-def _decode_reduce_kernel(out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr, seq_lens_ptr, num_partitions,
-                          stride_o_tok, stride_o_head,
-                          HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                          MIN_PARTITION: tl.constexpr, CHUNK: tl.constexpr):
-    """Grid (num_decodes, num_heads): merge a sequence's partitions, CHUNK at a time.
+@triton.jit
+def _merge_partitions(part_max_ptr, part_sum_ptr, part_acc_ptr, seq, heads, valid, num_parts, num_heads,
+                      num_partitions, HEAD_DIM_PAD: tl.constexpr, CHUNK: tl.constexpr):
+    """The output rows of `heads` [R] from their num_parts partials, CHUNK partitions at a time.
 
     Partition j holds m_j (log2-domain max), l_j = sum 2^(s - m_j), acc_j = sum 2^(s - m_j) v.
     With M the max over j:  out = sum_j 2^(m_j - M) acc_j / sum_j 2^(m_j - M) l_j,
-    merged online over chunks of partitions exactly like keys in _attend.
+    merged online over chunks of partitions exactly like keys in _attend. Loads bypass L1:
+    other programs stored the partials.
     """
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    seq_len = tl.load(seq_lens_ptr + seq)
-    num_parts, _ = _partitions(seq_len, num_partitions, BLOCK_N, MIN_PARTITION)  # only these were written
-    if num_parts <= 1:  # written by _decode_kernel directly
-        return
-    base = (seq * tl.num_programs(1) + head).to(tl.int64) * num_partitions
+    base = (seq * num_heads + heads).to(tl.int64) * num_partitions  # [R]
     dims = tl.arange(0, HEAD_DIM_PAD)
-
-    m = tl.full([1], NEG_BIG, tl.float32)
-    l = tl.zeros([1], tl.float32)
-    acc = tl.zeros([HEAD_DIM_PAD], tl.float32)
+    m = tl.full(heads.shape, NEG_BIG, tl.float32)
+    l = tl.zeros(heads.shape, tl.float32)
+    acc = tl.zeros([heads.shape[0], HEAD_DIM_PAD], tl.float32)
     for chunk_start in range(0, num_parts, CHUNK):
         parts = chunk_start + tl.arange(0, CHUNK)
-        valid = parts < num_parts
-        m_j = tl.load(part_max_ptr + base + parts, mask=valid, other=float("-inf"))
-        l_j = tl.load(part_sum_ptr + base + parts, mask=valid, other=0.0)
-        acc_j = tl.load(part_acc_ptr + (base + parts)[:, None] * HEAD_DIM_PAD + dims[None, :],
-                        mask=valid[:, None], other=0.0)
-        m_new = tl.maximum(m, tl.max(m_j, 0))
+        idx = base[:, None] + parts[None, :]  # [R, CHUNK]
+        ok = valid[:, None] & (parts < num_parts)[None, :]
+        m_j = tl.load(part_max_ptr + idx, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        l_j = tl.load(part_sum_ptr + idx, mask=ok, other=0.0, cache_modifier=".cg")
+        acc_j = tl.load(part_acc_ptr + idx[:, :, None] * HEAD_DIM_PAD + dims[None, None, :], mask=ok[:, :, None],
+                        other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, tl.max(m_j, 1))
         alpha = tl.exp2(m - m_new)
-        w = tl.exp2(m_j - m_new)
-        l = l * alpha + tl.sum(w * l_j, 0)
-        acc = acc * alpha + tl.sum(w[:, None] * acc_j, 0)
+        w = tl.exp2(m_j - m_new[:, None])
+        l = l * alpha + tl.sum(w * l_j, 1)
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * acc_j, 1)
         m = m_new
-
-    out = acc / l
-    tl.store(out_ptr + seq * stride_o_tok + head * stride_o_head + dims, out.to(out_ptr.dtype.element_ty),
-             mask=dims < HEAD_DIM)
+    return acc / tl.where(l == 0.0, 1.0, l)[:, None]
 
 
 # ---------------------------------------------------------------------------- launchers
@@ -394,19 +397,43 @@ def prefill_attention(out, query, k_cache, v_cache, block_tables, seq_lens, quer
 
 
 def decode_num_partitions(num_seqs: int, num_kv_heads: int, max_seq_len: int, min_partition: int = 128) -> int:
-    """Split-K partitions per sequence: enough for about 512 programs, about 4 per SM of an
-    H100 (132 SMs), and no more than partitions of min_partition positions of max_seq_len.
+    """Split-K partitions per sequence: one where the batch alone gives at least 256 programs
+    (about 2 per SM of an H100, 132 SMs); else enough for about 512, and no more than
+    partitions of min_partition positions of max_seq_len.
 
-    Fewer partitions mean less partial traffic and reduce work (at batch 64-256 x 8 kv heads,
-    context 1024, one partition ran at the copy bandwidth of an H100); more give parallelism
-    at small batch. At one partition the reduce kernel is not launched at all.
+    Fewer partitions mean less partial traffic and merge work: on an H200 at context 640, 64
+    sequences x 4 kv heads (llama-8b at TP=2) ran 12% faster in one partition than in two, and
+    x 8 kv heads one partition ran at the copy bandwidth; more give parallelism at small batch.
+    At one partition nothing is merged.
     """
-    return max(1, min(triton.cdiv(512, num_seqs * num_kv_heads), triton.cdiv(max_seq_len, min_partition)))
+    programs = num_seqs * num_kv_heads
+    if programs >= 256:
+        return 1
+    return max(1, min(triton.cdiv(512, programs), triton.cdiv(max_seq_len, min_partition)))
+
+
+# The decode kernel's shared memory: K and V tiles, num_stages deep, stay under this.
+_DECODE_SMEM_BYTES = 200 * 1024
+
+
+def decode_config(num_seqs: int, num_kv_heads: int, head_dim_pad: int, elem_size: int) -> tuple[int, int]:
+    """(block_n, num_stages) of the decode kernel, from a sweep on an H200 (block_n 32-128,
+    2-8 warps, 2-4 stages; docs/benchmarks.md): three stages everywhere (two stalled on the
+    loads), key tiles of 128 below 512 programs (a batch-1 layer 7.5 -> 6.5 us, 64 x 4 kv
+    heads 28.6 -> 25.4 us) and of 64 from there (64 x 8 kv heads: 128 was slower); smaller
+    tiles or fewer stages where the tiles would not fit (fp32, head dims over 128)."""
+    block_n = 64 if num_seqs * num_kv_heads >= 512 else 128
+    while block_n > 16:
+        for stages in (3, 2):
+            if stages * 2 * block_n * head_dim_pad * elem_size <= _DECODE_SMEM_BYTES:
+                return block_n, stages
+        block_n //= 2
+    return block_n, 1
 
 
 def decode_attention(out, query, k_cache, v_cache, block_tables, seq_lens, scale: float, max_seq_len: int,
-                     num_partitions: int | None = None, min_partition: int = 128, block_n: int = 64,
-                     num_warps: int = 4, num_stages: int = 2, sliding_window: int | None = None) -> None:
+                     num_partitions: int | None = None, min_partition: int = 128, block_n: int | None = None,
+                     num_warps: int = 4, num_stages: int | None = None, sliding_window: int | None = None) -> None:
     """One query token per sequence: out/query [num_seqs, H, D], seq_lens/block_tables indexed alike.
 
     CUDA-graph safe: nothing is read from the device here. max_seq_len is a Python upper
@@ -423,24 +450,38 @@ def decode_attention(out, query, k_cache, v_cache, block_tables, seq_lens, scale
     if num_partitions is None:
         num_partitions = decode_num_partitions(num_seqs, num_kv_heads, max_seq_len, min_partition)
     head_dim_pad = triton.next_power_of_2(head_dim)
+    default_block_n, default_stages = decode_config(num_seqs, num_kv_heads, head_dim_pad, k_cache.element_size())
+    block_n, num_stages = block_n or default_block_n, num_stages or default_stages
     common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_N=block_n, MIN_PARTITION=min_partition)
 
     part_max = part_sum = part_acc = out  # unused placeholders when there is one partition
+    arrivals = _arrival_counts(query.device, num_seqs * num_kv_heads)
     if num_partitions > 1:
         part_max = torch.empty(num_seqs, num_heads, num_partitions, dtype=torch.float32, device=query.device)
         part_sum = torch.empty_like(part_max)
         part_acc = torch.empty(num_seqs, num_heads, num_partitions, head_dim_pad, dtype=torch.float32,
                                device=query.device)
+    group_p2 = triton.next_power_of_2(group)
     _decode_kernel[(num_seqs, num_kv_heads, num_partitions)](
-        out, part_max, part_sum, part_acc, query, k_cache, v_cache, block_tables, seq_lens, scale * LOG2E,
+        out, part_max, part_sum, part_acc, arrivals, query, k_cache, v_cache, block_tables, seq_lens, scale * LOG2E,
         num_partitions, query.stride(0), query.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         *_cache_strides(k_cache),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), BLOCK_SIZE=k_cache.shape[1],
-        DOT_PRECISION=_dot_precision(query.dtype), **common, window=sliding_window or 0,
-        SLIDING=sliding_window is not None, num_warps=num_warps, num_stages=num_stages,
+        GROUP=group, GROUP_PAD=max(16, group_p2), GROUP_P2=group_p2, BLOCK_SIZE=k_cache.shape[1],
+        MERGE_CHUNK=max(1, 64 // group_p2), DOT_PRECISION=_dot_precision(query.dtype), **common,
+        window=sliding_window or 0, SLIDING=sliding_window is not None, num_warps=num_warps, num_stages=num_stages,
     )
-    if num_partitions > 1:
-        _decode_reduce_kernel[(num_seqs, num_heads)](
-            out, part_max, part_sum, part_acc, seq_lens, num_partitions, out.stride(0), out.stride(1),
-            CHUNK=16, **common, num_warps=4,
-        )
+
+
+_ARRIVALS: dict[torch.device, torch.Tensor] = {}
+
+
+def _arrival_counts(device: torch.device, n: int) -> torch.Tensor:
+    """n zeroed int32 counts (the decode kernel's, one a sequence and kv head), kept for the
+    device: every call leaves them at zero. Allocated eagerly, before any CUDA graph is captured
+    (DecodeGraphs warms each batch size up first), large enough for any batch a graph holds."""
+    counts = _ARRIVALS.get(device)
+    if counts is None or counts.numel() < n:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"decode attention needs {n} arrival counts, first asked for during CUDA graph capture")
+        counts = _ARRIVALS[device] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+    return counts

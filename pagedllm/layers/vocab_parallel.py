@@ -6,7 +6,9 @@ rows [r * V' / N, (r + 1) * V' / N) of the (V, E) table (the padding rows hold z
     embedding: every rank looks up the ids in its range (zeros for the others), all-reduce -> (T, E)
     logits:    every rank scores its range, (T, V' / N); all-gather -> (T, V'), cut to (T, V)
 
-Every rank ends with the same full logits, so every rank can run the sampler on them.
+Every rank ends with the same full logits, so every rank can run the sampler on them. Greedy
+steps skip the gather: each rank keeps its range and the ranks exchange only their best
+token a row (layers/parallel_sampler.py).
 """
 
 from __future__ import annotations
@@ -42,12 +44,13 @@ class VocabParallelEmbedding(nn.Embedding):
         x = F.embedding(local.masked_fill(elsewhere, 0), self.weight)
         return self.tp.all_reduce(x.masked_fill(elsewhere[:, None], 0.0))
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(T, E) -> (T, V): the table used as the output layer (tied embeddings, the LM head)."""
+    def logits(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor:
+        """(T, E) -> (T, V): the table used as the output layer (tied embeddings, the LM head).
+        gather=False: this rank's range only, (T, V' / N), its columns past vocab_end padding."""
         if self.logits_layer is not None:
             return self.logits_layer(hidden)
         local = hidden @ self.weight.t()  # (T, V' / N)
-        if self.tp.world_size == 1:
+        if self.tp.world_size == 1 or not gather:
             return local
         return self.tp.all_gather(local)[:, : self.vocab_size]
 

@@ -135,9 +135,9 @@ class Gemma3ForCausalLM(nn.Module):
         """(T,) token ids -> (T, hidden) final hidden states."""
         return self.model(input_ids, positions, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor:
         head = self.model.embed_tokens if self.tie_word_embeddings else self.lm_head
-        logits = head.logits(hidden)  # (T, vocab)
+        logits = head.logits(hidden, gather)  # (T, vocab)
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

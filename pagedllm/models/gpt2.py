@@ -125,9 +125,9 @@ class GPT2LMHeadModel(nn.Module):
         """(T,) token ids -> (T, hidden) final hidden states."""
         return self.transformer(input_ids, positions, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor:
         head = self.transformer.wte if self.tie_word_embeddings else self.lm_head
-        return head.logits(hidden)  # (T, vocab)
+        return head.logits(hidden, gather)  # (T, vocab)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         skip = ("lm_head.weight",) if self.tie_word_embeddings else ()

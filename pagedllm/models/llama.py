@@ -144,9 +144,10 @@ class LlamaForCausalLM(nn.Module):
         """(T,) token ids -> (T, hidden) final hidden states."""
         return self.model(input_ids, positions, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor:
+        """(T, hidden) -> (T, vocab); gather=False: this rank's vocabulary range (layers/vocab_parallel.py)."""
         head = self.model.embed_tokens if self.tie_word_embeddings else self.lm_head
-        return head.logits(hidden)  # (T, vocab)
+        return head.logits(hidden, gather)  # (T, vocab)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         skip = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if self.tie_word_embeddings else ())

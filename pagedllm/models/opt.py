@@ -133,9 +133,9 @@ class OPTForCausalLM(nn.Module):
         """(T,) token ids -> (T, word_embed_proj_dim) final hidden states."""
         return self.decoder(input_ids, positions, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor:
         head = self.decoder.embed_tokens if self.tie_word_embeddings else self.lm_head
-        return head.logits(hidden)  # (T, vocab)
+        return head.logits(hidden, gather)  # (T, vocab)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         skip = ("lm_head.weight",) if self.tie_word_embeddings else ()

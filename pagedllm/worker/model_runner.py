@@ -21,8 +21,9 @@ from pagedllm.config import EngineArgs
 from pagedllm.core.interface import ModelRunnerOutput, SchedulerOutput, ScheduledRequest, TokenLogprobs
 from pagedllm.distributed import SINGLE_RANK, TensorParallelGroup
 from pagedllm.layers.attention import bind_kv_cache
-from pagedllm.layers.parallel_sampler import RankZeroSampler
+from pagedllm.layers.parallel_sampler import RankZeroSampler, argmax_over_shards
 from pagedllm.layers.sampler import DeviceTokenLogprobs, Sampler, apply_token_bitmask, token_logprobs
+from pagedllm.layers.vocab_parallel import logits_table
 from pagedllm.loader.model_loader import LoadedModel
 from pagedllm.worker.block_tables import BlockTables
 from pagedllm.worker.cuda_graphs import DecodeGraphs
@@ -62,6 +63,10 @@ class ModelRunner:
                 "metadata that a graph would freeze): add --enforce-eager, or use the triton backend"
             )
         self.sampler = Sampler(self.device) if tp.world_size == 1 else RankZeroSampler(Sampler(self.device), tp)
+        self.tp = tp
+        # TP: this rank's vocabulary ids, for steps that pick greedy tokens without the full logits
+        table = logits_table(self.model) if tp.world_size > 1 else None
+        self.vocab_range = (table.vocab_start, table.vocab_end) if table is not None else None
         self.requests: dict[str, RunnerRequestState] = {}
         max_blocks_per_seq = -(-self.config.max_model_len // self.block_size)
         self.tables = BlockTables(2 * args.max_num_seqs + 8, max_blocks_per_seq, self.device)
@@ -122,8 +127,10 @@ class ModelRunner:
             hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
-        logits = self.model.compute_logits(hidden[inputs.logits_indices]).float()
-        self._executed = (logits, inputs)
+        from_shards = self.vocab_range is not None and not inputs.prompt_rows and all(
+            s.sampling_params.argmax_only for s in inputs.sample_states)
+        logits = self.model.compute_logits(hidden[inputs.logits_indices], gather=not from_shards)
+        self._executed = (logits if from_shards else logits.float(), inputs, from_shards)
 
     def _update_states(self, so: SchedulerOutput) -> None:
         """Apply the step's diff: dropped and new requests, appended blocks."""
@@ -231,7 +238,7 @@ class ModelRunner:
     def sample_tokens(self, grammar_bitmask: np.ndarray | None = None) -> PendingStep:
         """Sample the step just executed; grammar_bitmask has one row per scheduled request
         (SchedulerOutput.scheduled order)."""
-        logits, inputs = self._executed
+        logits, inputs, from_shards = self._executed  # from_shards: this rank's vocabulary range only
         self._executed = None
         sampled = logprobs = None
         states = inputs.sample_states
@@ -240,11 +247,15 @@ class ModelRunner:
                 sample_logits = logits
             else:
                 sample_logits = logits[self._to_device(torch.tensor([row for _, row in inputs.sample_rows]))]
-            if grammar_bitmask is not None:
-                rows = np.array([i for i, _ in inputs.sample_rows])
-                apply_token_bitmask(sample_logits, self._to_device(torch.from_numpy(np.ascontiguousarray(grammar_bitmask[rows]))))
-            result = self.sampler(sample_logits, build_sampling_batch(states, self._to_device))
-            sampled, logprobs = result.sampled_token_ids, result.logprobs
+            if from_shards:
+                assert grammar_bitmask is None, "requests with a grammar sample from the full logits"
+                sampled = argmax_over_shards(sample_logits, *self.vocab_range, self.tp)
+            else:
+                if grammar_bitmask is not None:
+                    rows = np.array([i for i, _ in inputs.sample_rows])
+                    apply_token_bitmask(sample_logits, self._to_device(torch.from_numpy(np.ascontiguousarray(grammar_bitmask[rows]))))
+                result = self.sampler(sample_logits, build_sampling_batch(states, self._to_device))
+                sampled, logprobs = result.sampled_token_ids, result.logprobs
             self._last_sampled = sampled  # the next step's input for these requests
             self._last_sampled_rows = {st.request_id: i for i, st in enumerate(states)}
             for st in states:
