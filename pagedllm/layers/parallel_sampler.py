@@ -25,8 +25,9 @@ import torch
 from pagedllm.distributed import TensorParallelGroup
 from pagedllm.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 
-# Token ids travel as float32 beside their logits: exact below 2^24.
-_MAX_EXACT_ID = 1 << 24
+# Token ids travel as float32 beside their logits: exact below 2^24. A larger vocabulary takes
+# the full logits (the runner checks).
+MAX_SHARDED_VOCAB = 1 << 24
 
 
 class RankZeroSampler:
@@ -43,8 +44,7 @@ class RankZeroSampler:
 def argmax_over_shards(local: torch.Tensor, vocab_start: int, vocab_end: int, tp: TensorParallelGroup) -> torch.Tensor:
     """(B,) int64 greedy tokens from this rank's logits (B, n) of ids [vocab_start, vocab_end)
     (columns past vocab_end - vocab_start are padding); the same on every rank."""
-    if vocab_end > _MAX_EXACT_ID:
-        raise ValueError(f"a vocabulary of {vocab_end} ids is too large to pick tokens from shards")
+    assert vocab_end <= MAX_SHARDED_VOCAB, f"ids up to {vocab_end} do not fit float32 exactly"
     B, n = local.shape[0], vocab_end - vocab_start
     pairs = torch.zeros(B, tp.world_size, 2, dtype=torch.float32, device=local.device)
     if n > 0:

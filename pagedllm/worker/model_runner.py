@@ -21,7 +21,7 @@ from pagedllm.config import EngineArgs
 from pagedllm.core.interface import ModelRunnerOutput, SchedulerOutput, ScheduledRequest, TokenLogprobs
 from pagedllm.distributed import SINGLE_RANK, TensorParallelGroup
 from pagedllm.layers.attention import bind_kv_cache
-from pagedllm.layers.parallel_sampler import RankZeroSampler, argmax_over_shards
+from pagedllm.layers.parallel_sampler import MAX_SHARDED_VOCAB, RankZeroSampler, argmax_over_shards
 from pagedllm.layers.sampler import DeviceTokenLogprobs, Sampler, apply_token_bitmask, token_logprobs
 from pagedllm.layers.vocab_parallel import logits_table
 from pagedllm.loader.model_loader import LoadedModel
@@ -66,7 +66,8 @@ class ModelRunner:
         self.tp = tp
         # TP: this rank's vocabulary ids, for steps that pick greedy tokens without the full logits
         table = logits_table(self.model) if tp.world_size > 1 else None
-        self.vocab_range = (table.vocab_start, table.vocab_end) if table is not None else None
+        sharded = table is not None and table.vocab_size <= MAX_SHARDED_VOCAB
+        self.vocab_range = (table.vocab_start, table.vocab_end) if sharded else None
         self.requests: dict[str, RunnerRequestState] = {}
         max_blocks_per_seq = -(-self.config.max_model_len // self.block_size)
         self.tables = BlockTables(2 * args.max_num_seqs + 8, max_blocks_per_seq, self.device)
