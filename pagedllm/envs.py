@@ -36,6 +36,8 @@ _VARIABLES: dict[str, Callable[[], Any]] = {
     "PAGEDLLM_API_KEY": lambda: os.environ.get("PAGEDLLM_API_KEY"),  # the server's --api-key default
     # "0": norms, rotary and gated activations run as torch ops on CUDA too (layers/fused.py)
     "PAGEDLLM_FUSED_KERNELS": lambda: os.environ.get("PAGEDLLM_FUSED_KERNELS", "1") != "0",
+    # "0": products of a few rows go through cuBLAS on CUDA too, not the Triton decode GEMV (layers/triton_linear.py)
+    "PAGEDLLM_DECODE_GEMV": lambda: os.environ.get("PAGEDLLM_DECODE_GEMV", "1") != "0",
     "PAGEDLLM_TRACEBACK": lambda: os.environ.get("PAGEDLLM_TRACEBACK") == "1",  # commands: tracebacks for user errors too
     # "0": every tensor-parallel all-reduce goes through NCCL (distributed/symmetric_all_reduce.py)
     "PAGEDLLM_SYMMETRIC_ALL_REDUCE": lambda: os.environ.get("PAGEDLLM_SYMMETRIC_ALL_REDUCE", "1") != "0",

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm.layers.arrival_counts import arrival_counts
+
 LOG2E = 1.4426950408889634
 # A running max that starts finite keeps exp2(m_old - m_new) at 1, not NaN, on rows
 # that see no key yet (padding rows, padding heads of a GQA group).
@@ -455,7 +457,7 @@ def decode_attention(out, query, k_cache, v_cache, block_tables, seq_lens, scale
     common = dict(HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, BLOCK_N=block_n, MIN_PARTITION=min_partition)
 
     part_max = part_sum = part_acc = out  # unused placeholders when there is one partition
-    arrivals = _arrival_counts(query.device, num_seqs * num_kv_heads)
+    arrivals = arrival_counts("decode attention", query.device, num_seqs * num_kv_heads)
     if num_partitions > 1:
         part_max = torch.empty(num_seqs, num_heads, num_partitions, dtype=torch.float32, device=query.device)
         part_sum = torch.empty_like(part_max)
@@ -470,18 +472,3 @@ def decode_attention(out, query, k_cache, v_cache, block_tables, seq_lens, scale
         MERGE_CHUNK=max(1, 64 // group_p2), DOT_PRECISION=_dot_precision(query.dtype), **common,
         window=sliding_window or 0, SLIDING=sliding_window is not None, num_warps=num_warps, num_stages=num_stages,
     )
-
-
-_ARRIVALS: dict[torch.device, torch.Tensor] = {}
-
-
-def _arrival_counts(device: torch.device, n: int) -> torch.Tensor:
-    """n zeroed int32 counts (the decode kernel's, one a sequence and kv head), kept for the
-    device: every call leaves them at zero. Allocated eagerly, before any CUDA graph is captured
-    (DecodeGraphs warms each batch size up first), large enough for any batch a graph holds."""
-    counts = _ARRIVALS.get(device)
-    if counts is None or counts.numel() < n:
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"decode attention needs {n} arrival counts, first asked for during CUDA graph capture")
-        counts = _ARRIVALS[device] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
-    return counts

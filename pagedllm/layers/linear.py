@@ -30,6 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.distributed import TensorParallelGroup, get_tp_group, shard_range
+from pagedllm.layers.fused import decode_gemv_for
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, or for a decode-sized batch on the GPU the Triton GEMV where it reads the
+    weight faster than cuBLAS (layers/triton_linear.py)."""
+    gemv = decode_gemv_for(x, weight)
+    return gemv.linear(x, weight, bias) if gemv is not None else F.linear(x, weight, bias)
 
 
 def rank_slice(full_size: int, num_units: int | None, rank: int, world_size: int) -> tuple[int, int]:
@@ -69,6 +77,9 @@ class ColumnParallelLinear(nn.Linear):
             if tp.world_size > 1:
                 param.weight_loader = self._load_rows
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
     def _load_rows(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None) -> None:
         if shard_id is None and len(self.full_sizes) > 1:  # merged in the checkpoint too (GPT-2's c_attn)
             _check_shape(loaded, (sum(self.full_sizes), *param.shape[1:]), self.tp)
@@ -101,10 +112,10 @@ class RowParallelLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.world_size == 1:
-            return F.linear(x, self.weight, self.bias)
+            return linear(x, self.weight, self.bias)
         if not self.reduce_results:
-            return F.linear(x, self.weight)  # (T, out), this rank's partial sum
-        y = self.tp.all_reduce(F.linear(x, self.weight))  # (T, out), summed over ranks
+            return linear(x, self.weight)  # (T, out), this rank's partial sum
+        y = self.tp.all_reduce(linear(x, self.weight))  # (T, out), summed over ranks
         return y if self.bias is None else y + self.bias
 
     def _load_columns(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None) -> None:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.distributed import get_tp_group
+from pagedllm.layers.linear import linear
 
 
 class VocabParallelEmbedding(nn.Embedding):
@@ -49,7 +50,7 @@ class VocabParallelEmbedding(nn.Embedding):
         gather=False: this rank's range only, (T, V' / N), its columns past vocab_end padding."""
         if self.logits_layer is not None:
             return self.logits_layer(hidden)
-        local = hidden @ self.weight.t()  # (T, V' / N)
+        local = linear(hidden, self.weight)  # (T, V' / N)
         if self.tp.world_size == 1 or not gather:
             return local
         return self.tp.all_gather(local)[:, : self.vocab_size]
