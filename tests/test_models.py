@@ -206,13 +206,13 @@ def test_weights_stream_one_shard_at_a_time(tokenizer_dir, vocab, tmp_path, monk
     shards = sorted(set(shard_of.values()))
     assert len(shards) > 1
     events: list[str] = []
-    real_read = checkpoint_module.read_safetensors
+    real_open = checkpoint_module.open_safetensors
 
-    def recording_read(path, *args):
+    def recording_open(path, *args):
         events.append(f"open {os.path.basename(path)}")
-        yield from real_read(path, *args)
+        yield from real_open(path, *args)
 
-    monkeypatch.setattr(checkpoint_module, "read_safetensors", recording_read)
+    monkeypatch.setattr(checkpoint_module, "open_safetensors", recording_open)
     checkpoint = open_checkpoint(EngineArgs(model=folder))
     assert checkpoint.num_tensors == len(shard_of)  # the progress bar's total
     for name, _ in checkpoint.weights(torch.float32):
@@ -242,7 +242,7 @@ def test_offline_inference_example_runs_on_opt(checkpoints):
 
 
 def test_safetensors_reader_matches_the_library(tmp_path):
-    from pagedllm.loader.checkpoint import read_safetensors
+    from pagedllm.loader.checkpoint import open_safetensors
 
     gen = torch.Generator().manual_seed(0)
     tensors = {
@@ -256,8 +256,72 @@ def test_safetensors_reader_matches_the_library(tmp_path):
     }
     path = str(tmp_path / "t.safetensors")
     save_file(tensors, path, metadata={"format": "pt"})
-    ours = dict(read_safetensors(path))
+    ours = {name: tensor.read() for name, tensor in open_safetensors(path)}
     expected = load_file(path)
     assert ours.keys() == expected.keys()
     for name, tensor in expected.items():
         assert ours[name].dtype == tensor.dtype and torch.equal(ours[name], tensor), name
+
+
+def test_checkpoint_tensor_reads_the_rows_asked_for(tmp_path):
+    from pagedllm.loader.checkpoint import open_safetensors
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "bf16": torch.randn(6, 5, generator=gen).to(torch.bfloat16),
+        "f32": torch.randn(4, 3, 2, generator=gen),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+    }
+    path = str(tmp_path / "t.safetensors")
+    save_file(tensors, path)
+    taken = []
+    for name, lazy in open_safetensors(path):
+        full = tensors[name]
+        assert lazy.shape == full.shape and lazy.dtype == full.dtype and lazy.dim() == full.dim()
+        assert torch.equal(lazy.read(), full)
+        if full.dim() and full.shape[0] >= 3:
+            assert torch.equal(lazy.narrow(0, 1, 2), full.narrow(0, 1, 2))  # rows 1..2 only
+            assert torch.equal(lazy.narrow(1, 1, 1), full.narrow(1, 1, 1))  # read whole, then narrowed
+            assert torch.equal(lazy.to(torch.float32).narrow(0, 2, 1), full.narrow(0, 2, 1).float())
+            assert lazy.to(torch.float32).dtype == torch.float32
+        taken.append(lazy)
+    with pytest.raises(RuntimeError, match="only until the next one is taken"):
+        taken[0].read()
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_tensor_parallel_rank_reads_its_rows_only(checkpoints, monkeypatch, world_size):
+    """Loading rank r of N reads whole only what it cannot take rows of (norms, row-parallel
+    matrices, whose slices are columns); the column-parallel matrices and the vocabulary table
+    are read a rank's rows at a time, so the ranks together read the file about once."""
+    import pagedllm.loader.checkpoint as checkpoint_module
+    from pagedllm.distributed import TensorParallelGroup
+    from pagedllm.loader.model_loader import load_model
+
+    folder = checkpoints("llama")
+    state = load_file(os.path.join(folder, "model.safetensors"))
+    data_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    whole = sum(t.numel() * t.element_size() for n, t in state.items() if any(w in n for w in ("o_proj", "down_proj", "norm")))
+    real_read = checkpoint_module._read_exactly
+    read_bytes = []
+
+    def counting_read(f, buffer, file):
+        read_bytes[-1] += len(buffer)
+        real_read(f, buffer, file)
+
+    monkeypatch.setattr(checkpoint_module, "_read_exactly", counting_read)
+    loaded = []
+    for rank in range(world_size):
+        read_bytes.append(0)
+        loaded.append(load_model(EngineArgs(model=folder, dtype="float32"), TensorParallelGroup(rank, world_size)).model)
+    if world_size == 1:
+        assert read_bytes == [data_bytes]
+        return
+    assert sum(read_bytes) == data_bytes + (world_size - 1) * whole  # every row-sliceable byte read once
+    assert max(read_bytes) < data_bytes * 0.75
+    # and what rank 1 read is its rows: its embedding rows equal the checkpoint's
+    table = state["model.embed_tokens.weight"]
+    embedding = loaded[1].get_submodule("model.embed_tokens")
+    rows = embedding.vocab_end - embedding.vocab_start
+    assert torch.equal(embedding.weight[:rows], table[embedding.vocab_start : embedding.vocab_end])

@@ -19,7 +19,9 @@ one row for an MLP. Units that do not divide by N are split as evenly as they ca
 (shard_range: 3 KV heads over 2 ranks -> 2 and 1).
 
 Each split parameter carries `weight_loader(param, checkpoint_tensor, shard_id)`, which copies
-this rank's slice of the whole checkpoint tensor into it. With one rank there is no loader and
+this rank's slice of the whole checkpoint tensor into it. It takes the slice with `narrow` alone,
+so that a lazily read checkpoint tensor (loader/checkpoint.py's CheckpointTensor) reads only a
+column-parallel rank's rows from the file. With one rank there is no loader and
 the checkpoint tensor is the parameter (models/weights.py), as with a plain nn.Linear.
 """
 
@@ -31,6 +33,7 @@ from torch import nn
 
 from pagedllm.distributed import TensorParallelGroup, get_tp_group, shard_range
 from pagedllm.layers.fused import decode_gemv_for
+from pagedllm.loader.checkpoint import copy_rows
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -83,13 +86,15 @@ class ColumnParallelLinear(nn.Linear):
     def _load_rows(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | None) -> None:
         if shard_id is None and len(self.full_sizes) > 1:  # merged in the checkpoint too (GPT-2's c_attn)
             _check_shape(loaded, (sum(self.full_sizes), *param.shape[1:]), self.tp)
-            for i, part in enumerate(loaded.split(self.full_sizes)):
-                self._load_rows(param, part, i)
+            start = 0
+            for i, size in enumerate(self.full_sizes):
+                self._load_rows(param, loaded.narrow(0, start, size), i)
+                start += size
             return
         i = shard_id or 0
         _check_shape(loaded, (self.full_sizes[i], *param.shape[1:]), self.tp)
         start, rows = self.slices[i]
-        param.data.narrow(0, sum(self.local_sizes[:i]), rows).copy_(loaded.narrow(0, start, rows))
+        copy_rows(param.data.narrow(0, sum(self.local_sizes[:i]), rows), loaded, start)
 
 
 class RowParallelLinear(nn.Linear):

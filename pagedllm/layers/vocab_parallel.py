@@ -19,6 +19,7 @@ from torch import nn
 
 from pagedllm.distributed import get_tp_group
 from pagedllm.layers.linear import linear
+from pagedllm.loader.checkpoint import copy_rows
 
 
 class VocabParallelEmbedding(nn.Embedding):
@@ -59,7 +60,7 @@ class VocabParallelEmbedding(nn.Embedding):
         if tuple(loaded.shape) != (self.vocab_size, param.shape[1]):
             raise ValueError(f"checkpoint shape {tuple(loaded.shape)}, model expects {(self.vocab_size, param.shape[1])}")
         n = self.vocab_end - self.vocab_start
-        param.data[:n].copy_(loaded[self.vocab_start : self.vocab_end])
+        copy_rows(param.data[:n], loaded, self.vocab_start)
         param.data[n:].zero_()
 
 

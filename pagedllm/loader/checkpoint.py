@@ -162,13 +162,15 @@ class HFFolderCheckpoint(Checkpoint):
                 return len(json.load(f)["weight_map"])
         return None
 
-    def weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    def weights(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor | CheckpointTensor]]:
         """(HF name, tensor) one at a time: a tensor is read when asked for and dropped once the
         model has copied it, so memory holds the model plus one tensor (plus, for .bin, the
-        current shard where it cannot be memory-mapped)."""
+        current shard where it cannot be memory-mapped). A .safetensors tensor comes unread, as a
+        CheckpointTensor: a tensor-parallel rank reads only its rows of it, and a tensor the
+        model skips (a tied LM head) is never read."""
         for file in self.weight_files:
             if file.endswith(".safetensors"):
-                yield from read_safetensors(file, self.device)
+                yield from open_safetensors(file, self.device)
             else:
                 state = _load_bin(file)
                 while state:
@@ -232,27 +234,92 @@ def _safetensors_header(file: str) -> tuple[dict[str, dict], int]:
     return header, 8 + size
 
 
-def read_safetensors(file: str, device: str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of a .safetensors file in file order, each read() into a tensor of its own on
-    `device`. (safetensors' safe_open hands out views of a memory map instead: copying those
-    faults the file in a page at a time, 5x slower here for a 1B model, and the mapped pages add
-    a second model's worth to the resident memory.)"""
+def open_safetensors(file: str, device: str = "cpu") -> Iterator[tuple[str, CheckpointTensor]]:
+    """The tensors of a .safetensors file in file order, unread: each CheckpointTensor reads
+    from the file when asked, and only until the next one is taken. Reads are plain read()s into
+    tensors of their own on `device` (a GPU: through pinned buffers). (safetensors' safe_open
+    hands out views of a memory map instead: copying those faults the file in a page at a time,
+    5x slower here for a 1B model, and the mapped pages add a second model's worth to the
+    resident memory.)"""
     header, data_start = _safetensors_header(file)
     staging = _PinnedStaging() if device.startswith("cuda") else None
     with open(file, "rb", buffering=0) as f:
         for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
             if info["dtype"] not in _SAFETENSORS_DTYPES:
                 raise ValueError(f"{file}: tensor {name} has dtype {info['dtype']}, which pagedllm cannot load")
-            begin, end = info["data_offsets"]
-            tensor = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]], device=device)
-            f.seek(data_start + begin)
-            if staging is None:
-                _read_exactly(f, tensor.view(-1).view(torch.uint8).numpy(), file)
-            else:
-                staging.read(f, tensor.view(-1).view(torch.uint8), file)
-            yield name, tensor
+            handle = CheckpointTensor(f, file, data_start + info["data_offsets"][0], tuple(info["shape"]),
+                                      _SAFETENSORS_DTYPES[info["dtype"]], device, staging)
+            yield name, handle
+            handle.file = None  # read only while it is the current tensor
     if staging is not None:
         staging.finish()
+
+
+def copy_rows(dst: torch.Tensor, src: torch.Tensor | CheckpointTensor, start: int = 0) -> None:
+    """dst = rows start .. start + len(dst) of src; an unread src is read straight into dst."""
+    if isinstance(src, CheckpointTensor):
+        src.read_into(dst, start)
+    else:
+        dst.copy_(src.narrow(0, start, dst.shape[0]))
+
+
+class CheckpointTensor:
+    """A tensor of an open .safetensors file, read when asked: whole (`read`), or the rows a
+    tensor-parallel rank keeps (`narrow(0, ...)`: only those bytes leave the file). Everything
+    else a loader does to it (`narrow` along another dim, `t`) reads it whole first.
+
+    `to(dtype)` is deferred like the read: the bytes are converted once read."""
+
+    def __init__(self, file, path: str, offset: int, shape: tuple[int, ...], dtype: torch.dtype, device: str,
+                 staging: _PinnedStaging | None, cast: torch.dtype | None = None) -> None:
+        self.file, self.path, self.offset, self.shape = file, path, offset, torch.Size(shape)
+        self.stored_dtype, self.device, self.staging, self.cast = dtype, device, staging, cast
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.cast or self.stored_dtype
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def to(self, dtype: torch.dtype) -> CheckpointTensor:
+        return CheckpointTensor(self.file, self.path, self.offset, self.shape, self.stored_dtype, self.device,
+                                self.staging, None if dtype == self.stored_dtype else dtype)
+
+    def read(self) -> torch.Tensor:
+        return self._read_rows(0, self.shape[0] if self.shape else 1).view(self.shape)
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        if dim == 0 and self.shape:
+            return self._read_rows(start, length)
+        return self.read().narrow(dim, start, length)
+
+    def t(self) -> torch.Tensor:
+        return self.read().t()
+
+    def read_into(self, dst: torch.Tensor, start: int = 0) -> None:
+        """dst = rows start .. start + len(dst), read straight into dst where it can be (same
+        dtype and device, contiguous): no tensor of its own, no second pass over the bytes."""
+        if self.cast is None and dst.dtype == self.stored_dtype and dst.is_contiguous() and dst.device == torch.device(self.device):
+            self._read_rows(start, dst.shape[0], dst)
+        else:
+            dst.copy_(self.narrow(0, start, dst.shape[0]))
+
+    def _read_rows(self, start: int, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows start .. start + count of dim 0 (a contiguous range of the file), into out if given."""
+        if self.file is None:
+            raise RuntimeError(f"{self.path}: a checkpoint tensor is read only until the next one is taken")
+        row_shape = self.shape[1:]
+        tensor = out if out is not None else torch.empty((count, *row_shape), dtype=self.stored_dtype, device=self.device)
+        if tuple(tensor.shape) != (count, *row_shape):
+            raise ValueError(f"checkpoint rows of shape {(count, *row_shape)}, model expects {tuple(tensor.shape)}")
+        row_bytes = tensor[:1].numel() * tensor.element_size() if count else 0
+        self.file.seek(self.offset + start * row_bytes)
+        if self.staging is None:
+            _read_exactly(self.file, tensor.view(-1).view(torch.uint8).numpy(), self.path)
+        else:
+            self.staging.read(self.file, tensor.view(-1).view(torch.uint8), self.path)
+        return tensor if self.cast is None else tensor.to(self.cast)
 
 
 def _read_exactly(f, buffer, file: str) -> None:

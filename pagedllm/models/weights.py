@@ -7,6 +7,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from pagedllm.loader.checkpoint import CheckpointTensor, copy_rows
+
 # (our parameter, HF parameter, shard index): q/k/v -> qkv_proj, gate/up -> gate_up_proj.
 StackedMapping = list[tuple[str, str, int]]
 
@@ -26,7 +28,10 @@ def load_stacked_weights(
     skip: tuple[str, ...] = (),
 ) -> None:
     """Copy every checkpoint tensor into its parameter; shards of merged projections
-    go into their slice (`param.shard_sizes` gives the slice boundaries).
+    go into their slice (`param.shard_sizes` gives the slice boundaries). A tensor may also be a
+    loader/checkpoint.py CheckpointTensor: a tensor-parallel layer's weight_loader reads its
+    slice of it, a shard of a merged projection is read straight into its slice, and any other
+    parameter takes it read whole.
     Missing or unexpected tensors are an error that names them."""
     params = dict(model.named_parameters())
     loaded: set[str] = set()
@@ -44,6 +49,8 @@ def load_stacked_weights(
             unexpected.append(name)
             continue
         weight_loader = getattr(param, "weight_loader", None)  # set by tensor-parallel layers (N > 1)
+        if weight_loader is None and shard is None and not isinstance(tensor, torch.Tensor):
+            tensor = tensor.read()  # unread (loader/checkpoint.py): whole, then adopted by the parameter
         with torch.no_grad():
             if weight_loader is not None:  # the layer copies out this rank's slice
                 try:
@@ -81,7 +88,7 @@ def _load(param: nn.Parameter, src: torch.Tensor, name: str) -> None:
         _copy(param.data, src, name)
 
 
-def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+def _copy(dst: torch.Tensor, src: torch.Tensor | CheckpointTensor, name: str) -> None:
     if dst.shape != src.shape:
         raise ValueError(f"tensor {name}: checkpoint shape {tuple(src.shape)}, model expects {tuple(dst.shape)}")
-    dst.copy_(src)
+    copy_rows(dst, src)
