@@ -243,12 +243,13 @@ def open_safetensors(file: str, device: str = "cpu") -> Iterator[tuple[str, Chec
     resident memory.)"""
     header, data_start = _safetensors_header(file)
     staging = _PinnedStaging() if device.startswith("cuda") else None
+    where = torch.empty(0, device=device).device  # "cuda" -> "cuda:N": comparable with a parameter's
     with open(file, "rb", buffering=0) as f:
         for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
             if info["dtype"] not in _SAFETENSORS_DTYPES:
                 raise ValueError(f"{file}: tensor {name} has dtype {info['dtype']}, which pagedllm cannot load")
             handle = CheckpointTensor(f, file, data_start + info["data_offsets"][0], tuple(info["shape"]),
-                                      _SAFETENSORS_DTYPES[info["dtype"]], device, staging)
+                                      _SAFETENSORS_DTYPES[info["dtype"]], where, staging)
             yield name, handle
             handle.file = None  # read only while it is the current tensor
     if staging is not None:
@@ -270,7 +271,7 @@ class CheckpointTensor:
 
     `to(dtype)` is deferred like the read: the bytes are converted once read."""
 
-    def __init__(self, file, path: str, offset: int, shape: tuple[int, ...], dtype: torch.dtype, device: str,
+    def __init__(self, file, path: str, offset: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
                  staging: _PinnedStaging | None, cast: torch.dtype | None = None) -> None:
         self.file, self.path, self.offset, self.shape = file, path, offset, torch.Size(shape)
         self.stored_dtype, self.device, self.staging, self.cast = dtype, device, staging, cast
@@ -300,7 +301,7 @@ class CheckpointTensor:
     def read_into(self, dst: torch.Tensor, start: int = 0) -> None:
         """dst = rows start .. start + len(dst), read straight into dst where it can be (same
         dtype and device, contiguous): no tensor of its own, no second pass over the bytes."""
-        if self.cast is None and dst.dtype == self.stored_dtype and dst.is_contiguous() and dst.device == torch.device(self.device):
+        if self.cast is None and dst.dtype == self.stored_dtype and dst.is_contiguous() and dst.device == self.device:
             self._read_rows(start, dst.shape[0], dst)
         else:
             dst.copy_(self.narrow(0, start, dst.shape[0]))
