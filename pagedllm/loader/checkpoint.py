@@ -248,10 +248,10 @@ def open_safetensors(file: str, device: str = "cpu") -> Iterator[tuple[str, Chec
         for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
             if info["dtype"] not in _SAFETENSORS_DTYPES:
                 raise ValueError(f"{file}: tensor {name} has dtype {info['dtype']}, which pagedllm cannot load")
-            handle = CheckpointTensor(f, file, data_start + info["data_offsets"][0], tuple(info["shape"]),
-                                      _SAFETENSORS_DTYPES[info["dtype"]], where, staging)
-            yield name, handle
-            handle.file = None  # read only while it is the current tensor
+            current = [True]  # cleared when the next tensor is taken; shared by the handle's .to() copies
+            yield name, CheckpointTensor(f, file, data_start + info["data_offsets"][0], tuple(info["shape"]),
+                                         _SAFETENSORS_DTYPES[info["dtype"]], where, staging, current)
+            current[0] = False
     if staging is not None:
         staging.finish()
 
@@ -272,9 +272,9 @@ class CheckpointTensor:
     `to(dtype)` is deferred like the read: the bytes are converted once read."""
 
     def __init__(self, file, path: str, offset: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-                 staging: _PinnedStaging | None, cast: torch.dtype | None = None) -> None:
+                 staging: _PinnedStaging | None, current: list[bool], cast: torch.dtype | None = None) -> None:
         self.file, self.path, self.offset, self.shape = file, path, offset, torch.Size(shape)
-        self.stored_dtype, self.device, self.staging, self.cast = dtype, device, staging, cast
+        self.stored_dtype, self.device, self.staging, self.current, self.cast = dtype, device, staging, current, cast
 
     @property
     def dtype(self) -> torch.dtype:
@@ -285,7 +285,7 @@ class CheckpointTensor:
 
     def to(self, dtype: torch.dtype) -> CheckpointTensor:
         return CheckpointTensor(self.file, self.path, self.offset, self.shape, self.stored_dtype, self.device,
-                                self.staging, None if dtype == self.stored_dtype else dtype)
+                                self.staging, self.current, None if dtype == self.stored_dtype else dtype)
 
     def read(self) -> torch.Tensor:
         return self._read_rows(0, self.shape[0] if self.shape else 1).view(self.shape)
@@ -308,7 +308,7 @@ class CheckpointTensor:
 
     def _read_rows(self, start: int, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows start .. start + count of dim 0 (a contiguous range of the file), into out if given."""
-        if self.file is None:
+        if not self.current[0]:
             raise RuntimeError(f"{self.path}: a checkpoint tensor is read only until the next one is taken")
         row_shape = self.shape[1:]
         tensor = out if out is not None else torch.empty((count, *row_shape), dtype=self.stored_dtype, device=self.device)
