@@ -1,8 +1,8 @@
 """Whether a layer's forward takes fused kernels: the Triton ones on CUDA (layers/triton_ops.py),
 pagedllm's compiled ones on the CPU in float32 and bfloat16 (layers/cpu_ops.py); both modules offer
 the same functions (rms_norm, rotary_inplace_, silu_and_mul, gelu_tanh_and_mul). On CUDA the
-few-row products of the large matrices take the Triton decode GEMV (layers/triton_linear.py)
-unless PAGEDLLM_DECODE_GEMV is "0" as well.
+few-row products of the large matrices take the Triton decode GEMV (layers/triton_linear.py) on
+Hopper GPUs, unless PAGEDLLM_DECODE_GEMV is "0" as well.
 
 They run unless PAGEDLLM_FUSED_KERNELS is "0" (the switch is for A/B measurements and for
 bisecting a numerical difference) and where their compiler is there (Triton imports; the C
@@ -53,7 +53,8 @@ def _triton_ops() -> ModuleType | None:
 
 @functools.cache
 def _triton_linear() -> ModuleType | None:
-    if _triton_ops() is None or not envs.PAGEDLLM_DECODE_GEMV:
+    # Hopper only: its launch shapes were fitted on an H200, and they need 144 KB of shared memory
+    if _triton_ops() is None or not envs.PAGEDLLM_DECODE_GEMV or torch.cuda.get_device_capability()[0] != 9:
         return None
     from pagedllm.layers import triton_linear
 
