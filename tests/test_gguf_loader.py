@@ -102,6 +102,32 @@ def test_weights_match_transformers(bundled_gguf, hf_model):
     assert sorted(names) == sorted(set(reference) - {"lm_head.weight"})
 
 
+def test_lazy_matrices_read_a_rank_s_rows(bundled_gguf):
+    """What a tensor-parallel rank takes of each matrix, dequantized from its rows alone, equals
+    those rows of the whole matrix: Q4_1 and Q8_0 blocks, and llama.cpp's permuted q/k rows by
+    whole heads (9 query heads, 3 KV heads of 64 rows)."""
+    from pagedllm.loader.lazy_tensor import CheckpointTensor
+
+    eager = dict(iter_gguf_weights(bundled_gguf, torch.float32))
+    matrices = 0
+    for name, lazy in iter_gguf_weights(bundled_gguf, torch.float32, lazy=True):
+        if not isinstance(lazy, CheckpointTensor):
+            assert torch.equal(lazy, eager[name]), name  # 1-D tensors come read
+            continue
+        matrices += 1
+        whole = eager[name]
+        assert lazy.shape == whole.shape and lazy.dtype == whole.dtype
+        rows = whole.shape[0]
+        part = 64 * (rows // 64 // 3) if rows % 64 == 0 else rows // 3  # a third, in whole heads where they are heads
+        assert torch.equal(lazy.narrow(0, part, part), whole[part : 2 * part]), name
+        out = torch.empty(part, *whole.shape[1:])
+        lazy.read_into(out, rows - part)
+        assert torch.equal(out, whole[rows - part :]), name
+        assert torch.equal(lazy.to(torch.bfloat16).narrow(0, 0, part), whole[:part].bfloat16()), name
+        assert torch.equal(lazy.read(), whole), name
+    assert matrices == 30 * 7 + 1  # the 7 matrices of each layer, and the embedding
+
+
 def _write_gguf(path, architecture: str, tensors: dict[str, tuple[np.ndarray, gguf.GGMLQuantizationType]]):
     writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_head_count(2)

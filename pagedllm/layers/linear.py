@@ -20,7 +20,7 @@ one row for an MLP. Units that do not divide by N are split as evenly as they ca
 
 Each split parameter carries `weight_loader(param, checkpoint_tensor, shard_id)`, which copies
 this rank's slice of the whole checkpoint tensor into it. It takes the slice with `narrow` alone,
-so that a lazily read checkpoint tensor (loader/checkpoint.py's CheckpointTensor) reads only a
+so that a lazily read checkpoint tensor (loader/lazy_tensor.py) reads only a
 column-parallel rank's rows from the file. With one rank there is no loader and
 the checkpoint tensor is the parameter (models/weights.py), as with a plain nn.Linear.
 """
@@ -33,7 +33,7 @@ from torch import nn
 
 from pagedllm.distributed import TensorParallelGroup, get_tp_group, shard_range
 from pagedllm.layers.fused import decode_gemv_for
-from pagedllm.loader.checkpoint import copy_rows
+from pagedllm.loader.lazy_tensor import copy_rows
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch import nn
 
 from pagedllm.distributed import get_tp_group
 from pagedllm.layers.linear import linear
-from pagedllm.loader.checkpoint import copy_rows
+from pagedllm.loader.lazy_tensor import copy_rows
 
 
 class VocabParallelEmbedding(nn.Embedding):

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from pagedllm.config import EngineArgs
+from pagedllm.loader.lazy_tensor import CheckpointTensor
 from pagedllm.loader.resolve import BUNDLED_MODEL_NAME, resolve_model, resolve_tokenizer  # noqa: F401 (re-exported)
 
 logger = logging.getLogger("pagedllm")
@@ -69,11 +70,12 @@ class GGUFCheckpoint(Checkpoint):
 
         return build_config(self.header)
 
-    def weights(self, dtype: torch.dtype, skip: Collection[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
-        """skip: tensors not to read (those a quantized model computes on as stored)."""
+    def weights(self, dtype: torch.dtype, skip: Collection[str] = ()) -> Iterator[tuple[str, torch.Tensor | CheckpointTensor]]:
+        """skip: tensors not to read (those a quantized model computes on as stored). The matrices
+        come unread: a tensor-parallel rank dequantizes only its rows of them."""
         from pagedllm.loader.gguf import iter_gguf_weights
 
-        return iter_gguf_weights(self.header, dtype, skip)
+        return iter_gguf_weights(self.header, dtype, skip, lazy=True)
 
     def tokenizer(self):
         return self._tokenizer
@@ -234,7 +236,7 @@ def _safetensors_header(file: str) -> tuple[dict[str, dict], int]:
     return header, 8 + size
 
 
-def open_safetensors(file: str, device: str = "cpu") -> Iterator[tuple[str, CheckpointTensor]]:
+def open_safetensors(file: str, device: str = "cpu") -> Iterator[tuple[str, SafetensorsTensor]]:
     """The tensors of a .safetensors file in file order, unread: each CheckpointTensor reads
     from the file when asked, and only until the next one is taken. Reads are plain read()s into
     tensors of their own on `device` (a GPU: through pinned buffers). (safetensors' safe_open
@@ -249,78 +251,31 @@ def open_safetensors(file: str, device: str = "cpu") -> Iterator[tuple[str, Chec
             if info["dtype"] not in _SAFETENSORS_DTYPES:
                 raise ValueError(f"{file}: tensor {name} has dtype {info['dtype']}, which pagedllm cannot load")
             current = [True]  # cleared when the next tensor is taken; shared by the handle's .to() copies
-            yield name, CheckpointTensor(f, file, data_start + info["data_offsets"][0], tuple(info["shape"]),
-                                         _SAFETENSORS_DTYPES[info["dtype"]], where, staging, current)
+            yield name, SafetensorsTensor(name, f, file, data_start + info["data_offsets"][0], tuple(info["shape"]),
+                                          _SAFETENSORS_DTYPES[info["dtype"]], where, staging, current)
             current[0] = False
     if staging is not None:
         staging.finish()
 
 
-def copy_rows(dst: torch.Tensor, src: torch.Tensor | CheckpointTensor, start: int = 0) -> None:
-    """dst = rows start .. start + len(dst) of src; an unread src is read straight into dst."""
-    if isinstance(src, CheckpointTensor):
-        src.read_into(dst, start)
-    else:
-        dst.copy_(src.narrow(0, start, dst.shape[0]))
+class SafetensorsTensor(CheckpointTensor):
+    """A tensor of an open .safetensors file: a range of rows is a range of bytes, read() into its
+    tensor (a GPU's: through pinned buffers)."""
 
+    def __init__(self, name: str, file, path: str, offset: int, shape: tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device, staging: _PinnedStaging | None, current: list[bool]) -> None:
+        super().__init__(name, shape, dtype, device, current)
+        self.file, self.path, self.offset, self.staging = file, path, offset, staging
 
-class CheckpointTensor:
-    """A tensor of an open .safetensors file, read when asked: whole (`read`), or the rows a
-    tensor-parallel rank keeps (`narrow(0, ...)`: only those bytes leave the file). Everything
-    else a loader does to it (`narrow` along another dim, `t`) reads it whole first.
-
-    `to(dtype)` is deferred like the read: the bytes are converted once read."""
-
-    def __init__(self, file, path: str, offset: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-                 staging: _PinnedStaging | None, current: list[bool], cast: torch.dtype | None = None) -> None:
-        self.file, self.path, self.offset, self.shape = file, path, offset, torch.Size(shape)
-        self.stored_dtype, self.device, self.staging, self.current, self.cast = dtype, device, staging, current, cast
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.cast or self.stored_dtype
-
-    def dim(self) -> int:
-        return len(self.shape)
-
-    def to(self, dtype: torch.dtype) -> CheckpointTensor:
-        return CheckpointTensor(self.file, self.path, self.offset, self.shape, self.stored_dtype, self.device,
-                                self.staging, self.current, None if dtype == self.stored_dtype else dtype)
-
-    def read(self) -> torch.Tensor:
-        return self._read_rows(0, self.shape[0] if self.shape else 1).view(self.shape)
-
-    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
-        if dim == 0 and self.shape:
-            return self._read_rows(start, length)
-        return self.read().narrow(dim, start, length)
-
-    def t(self) -> torch.Tensor:
-        return self.read().t()
-
-    def read_into(self, dst: torch.Tensor, start: int = 0) -> None:
-        """dst = rows start .. start + len(dst), read straight into dst where it can be (same
-        dtype and device, contiguous): no tensor of its own, no second pass over the bytes."""
-        if self.cast is None and dst.dtype == self.stored_dtype and dst.is_contiguous() and dst.device == self.device:
-            self._read_rows(start, dst.shape[0], dst)
-        else:
-            dst.copy_(self.narrow(0, start, dst.shape[0]))
-
-    def _read_rows(self, start: int, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows start .. start + count of dim 0 (a contiguous range of the file), into out if given."""
-        if not self.current[0]:
-            raise RuntimeError(f"{self.path}: a checkpoint tensor is read only until the next one is taken")
-        row_shape = self.shape[1:]
-        tensor = out if out is not None else torch.empty((count, *row_shape), dtype=self.stored_dtype, device=self.device)
-        if tuple(tensor.shape) != (count, *row_shape):
-            raise ValueError(f"checkpoint rows of shape {(count, *row_shape)}, model expects {tuple(tensor.shape)}")
+    def _read_rows(self, start: int, count: int, out: torch.Tensor | None) -> torch.Tensor:
+        tensor = out if out is not None else torch.empty((count, *self.shape[1:]), dtype=self.stored_dtype, device=self.device)
         row_bytes = tensor[:1].numel() * tensor.element_size() if count else 0
         self.file.seek(self.offset + start * row_bytes)
         if self.staging is None:
             _read_exactly(self.file, tensor.view(-1).view(torch.uint8).numpy(), self.path)
         else:
             self.staging.read(self.file, tensor.view(-1).view(torch.uint8), self.path)
-        return tensor if self.cast is None else tensor.to(self.cast)
+        return tensor
 
 
 def _read_exactly(f, buffer, file: str) -> None:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from pagedllm.loader.gguf_quants import BLOCK_SIZES, dequantize
+from pagedllm.loader.lazy_tensor import CheckpointTensor
 
 if TYPE_CHECKING:  # importing transformers costs seconds: it happens when a config or tokenizer is built
     from transformers import PretrainedConfig, PreTrainedTokenizerFast
@@ -408,11 +409,13 @@ def load_gguf_config_and_tokenizer(path: str) -> GGUFModel:
 
 
 def iter_gguf_weights(
-    source: str | GGUFHeader, dtype: torch.dtype, skip: Collection[str] = ()
-) -> Iterator[tuple[str, torch.Tensor]]:
+    source: str | GGUFHeader, dtype: torch.dtype, skip: Collection[str] = (), lazy: bool = False
+) -> Iterator[tuple[str, torch.Tensor | GGUFTensor]]:
     """(transformers parameter name, tensor in `dtype`) for every tensor of the file, one at a time.
     source: the file's path, or its header when it has been read already. Tensors named in `skip`
-    are not read (a quantized model computes on those as stored: loader/quantize.py).
+    are not read (a quantized model computes on those as stored: loader/quantize.py). lazy: the
+    matrices come unread, as GGUFTensors (loader/lazy_tensor.py), so that a tensor-parallel rank
+    dequantizes only its rows.
 
     Tied embeddings yield no lm_head.weight: the file has no `output.weight` then.
     """
@@ -428,4 +431,31 @@ def iter_gguf_weights(
             yield hf_name, (read_tensor(data, info, torch.float32) - 1).to(dtype)
             continue
         kind = info.name.split(".")[-2]  # "blk.0.attn_q.weight" -> "attn_q"
-        yield hf_name, read_tensor(data, info, dtype, heads.get(kind))
+        if not lazy or len(info.shape) < 2:
+            yield hf_name, read_tensor(data, info, dtype, heads.get(kind))
+            continue
+        current = [True]
+        yield hf_name, GGUFTensor(hf_name, data, info, dtype, heads.get(kind), current)
+        current[0] = False
+
+
+class GGUFTensor(CheckpointTensor):
+    """A matrix of a mapped GGUF file, dequantized when read. A row is a whole number of blocks,
+    so a range of rows is a range of bytes; llama.cpp's q/k rows are permuted within each head
+    (`_unpermute_rotary`), so for those a range of whole heads."""
+
+    def __init__(self, name: str, data: mmap.mmap, info: TensorInfo, dtype: torch.dtype, permuted_heads: int | None,
+                 current: list[bool]) -> None:
+        super().__init__(name, info.shape, dtype, torch.device("cpu"), current)
+        self.data, self.info, self.heads = data, info, permuted_heads
+
+    def _reads_rows(self, start: int, count: int) -> bool:
+        rows_per_head = self.shape[0] // self.heads if self.heads else 1
+        return start % rows_per_head == 0 and count % rows_per_head == 0
+
+    def _read_rows(self, start: int, count: int, out: torch.Tensor | None) -> torch.Tensor:
+        rows, nbytes = self.shape[0], self.info.nbytes
+        raw = torch.frombuffer(self.data, dtype=torch.uint8, count=nbytes * count // rows, offset=self.info.offset + nbytes * start // rows)
+        if self.heads is not None:
+            raw = _unpermute_rotary(raw.view(count, -1), self.heads * count // rows).reshape(-1)
+        return dequantize(raw, self.info.ggml_type, (count, *self.shape[1:]), self.stored_dtype, out)

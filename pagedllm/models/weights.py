@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from pagedllm.loader.checkpoint import CheckpointTensor, copy_rows
+from pagedllm.loader.lazy_tensor import CheckpointTensor, copy_rows
 
 # (our parameter, HF parameter, shard index): q/k/v -> qkv_proj, gate/up -> gate_up_proj.
 StackedMapping = list[tuple[str, str, int]]
@@ -29,7 +29,7 @@ def load_stacked_weights(
 ) -> None:
     """Copy every checkpoint tensor into its parameter; shards of merged projections
     go into their slice (`param.shard_sizes` gives the slice boundaries). A tensor may also be a
-    loader/checkpoint.py CheckpointTensor: a tensor-parallel layer's weight_loader reads its
+    loader/lazy_tensor.py CheckpointTensor: a tensor-parallel layer's weight_loader reads its
     slice of it, a shard of a merged projection is read straight into its slice, and any other
     parameter takes it read whole.
     Missing or unexpected tensors are an error that names them."""
@@ -50,7 +50,7 @@ def load_stacked_weights(
             continue
         weight_loader = getattr(param, "weight_loader", None)  # set by tensor-parallel layers (N > 1)
         if weight_loader is None and shard is None and not isinstance(tensor, torch.Tensor):
-            tensor = tensor.read()  # unread (loader/checkpoint.py): whole, then adopted by the parameter
+            tensor = tensor.read()  # unread (loader/lazy_tensor.py): whole, then adopted by the parameter
         with torch.no_grad():
             if weight_loader is not None:  # the layer copies out this rank's slice
                 try:
