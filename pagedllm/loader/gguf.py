@@ -173,10 +173,20 @@ def read_tensor(
     """One tensor of the mapped file, dequantized to `dtype` (a fresh tensor, never a view of the file, or
     written into `out`). permuted_heads: undo llama.cpp's q/k row order first, on the stored bytes (a row
     is a whole number of blocks, so moving rows of bytes moves rows of values, at a fraction of the bytes)."""
-    raw = torch.frombuffer(data, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
+    return read_rows(data, info, dtype, 0, info.shape[0], permuted_heads, out).view(info.shape)
+
+
+def read_rows(data: mmap.mmap, info: TensorInfo, dtype: torch.dtype, start: int, count: int,
+              permuted_heads: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows start .. start + count of a tensor (count, *rest), as read_tensor reads the whole. A
+    row is a whole number of blocks, so they are a range of the file's bytes; with permuted_heads
+    the range must hold whole heads."""
+    rows = max(info.shape[0], 1)  # (a tensor of no rows has no bytes)
+    raw = torch.frombuffer(data, dtype=torch.uint8, count=info.nbytes * count // rows,
+                           offset=info.offset + info.nbytes * start // rows)
     if permuted_heads is not None:
-        raw = _unpermute_rotary(raw.view(info.shape[0], -1), permuted_heads).reshape(-1)
-    return dequantize(raw, info.ggml_type, info.shape, dtype, out)
+        raw = _unpermute_rotary(raw.view(count, -1), permuted_heads * count // rows).reshape(-1)
+    return dequantize(raw, info.ggml_type, (count, *info.shape[1:]), dtype, out)
 
 
 def map_file(path: str) -> mmap.mmap:
@@ -454,8 +464,4 @@ class GGUFTensor(CheckpointTensor):
         return start % rows_per_head == 0 and count % rows_per_head == 0
 
     def _read_rows(self, start: int, count: int, out: torch.Tensor | None) -> torch.Tensor:
-        rows, nbytes = self.shape[0], self.info.nbytes
-        raw = torch.frombuffer(self.data, dtype=torch.uint8, count=nbytes * count // rows, offset=self.info.offset + nbytes * start // rows)
-        if self.heads is not None:
-            raw = _unpermute_rotary(raw.view(count, -1), self.heads * count // rows).reshape(-1)
-        return dequantize(raw, self.info.ggml_type, (count, *self.shape[1:]), self.stored_dtype, out)
+        return read_rows(self.data, self.info, self.stored_dtype, start, count, self.heads, out)
