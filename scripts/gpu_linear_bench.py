@@ -33,6 +33,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
+import gpu_check_attention as attn_check  # noqa: E402
+
 MATRICES = {  # name: (N, K) of W
     "smollm2 qkv": (960, 576), "smollm2 o": (576, 576), "smollm2 gate_up": (3072, 576), "smollm2 down": (576, 1536),
     "smollm2 lm_head": (49152, 576),
@@ -44,29 +46,10 @@ MATRICES = {  # name: (N, K) of W
 SWEEP = [(bn, bk, s) for bn in (32, 64, 128) for bk in (64, 128, 256) for s in (1, 2, 4, 8)]
 
 
-def graph_us(fn, copies: list[torch.Tensor], reps: int = 20) -> float:
-    """Microseconds a call of fn(w), replayed in a CUDA graph over all copies, best of 3."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for w in copies:
-            fn(w)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for w in copies:
-            fn(w)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(3):
-        start.record()
-        for _ in range(reps):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) * 1000 / reps / len(copies))
-    return best
+def graph_us(fn, copies: list[torch.Tensor]) -> float:
+    """Microseconds a call of fn(w): the median replay of a CUDA graph of fn over all copies
+    (gpu_check_attention.time_us), divided by their number."""
+    return attn_check.time_us(lambda: [fn(w) for w in copies], reps=20, graph=True) / len(copies)
 
 
 def kernels(out, sweep: bool) -> bool:
